@@ -1,0 +1,77 @@
+"""fedws: remote tensors, pointers and plans for federated learning, over WebSockets.
+
+Example:
+    >>> import torch, fedws as sy
+    >>> hook = sy.TorchHook(torch)
+    >>> bob = sy.VirtualWorker(hook, id="bob")
+    >>> x = torch.tensor([1, 2, 3]).send(bob)
+    >>> (x + x).get()
+    tensor([2, 4, 6])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .client.worker import VirtualWorker, Worker
+from .exceptions import (
+    AuthenticationError,
+    ConnectionLostError,
+    DecodeError,
+    DependencyError,
+    EncodeError,
+    FedwsConnectionError,
+    FedwsError,
+    FedwsTimeoutError,
+    LocationError,
+    ObjectNotFoundError,
+    OpNotAllowedError,
+    PlanError,
+    PointerError,
+    ProtocolError,
+    RemoteError,
+    StoreFullError,
+    WrongThreadError,
+)
+from .hook import TorchHook
+from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TorchHook",
+    "VirtualWorker",
+    "Worker",
+    "PointerTensor",
+    "PointerParameter",
+    "MultiPointerTensor",
+    "local_worker",
+    "FedwsError",
+    "ProtocolError",
+    "DecodeError",
+    "EncodeError",
+    "PointerError",
+    "LocationError",
+    "RemoteError",
+    "ObjectNotFoundError",
+    "OpNotAllowedError",
+    "DependencyError",
+    "StoreFullError",
+    "PlanError",
+    "FedwsConnectionError",
+    "ConnectionLostError",
+    "AuthenticationError",
+    "FedwsTimeoutError",
+    "WrongThreadError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "local_worker":  # the latest TorchHook's worker "me", as in the seed
+        from .hook import current_hook
+
+        hook = current_hook()
+        if hook is None:
+            raise AttributeError("fedws.local_worker exists once sy.TorchHook(torch) was called")
+        return hook.local_worker
+    raise AttributeError(f"module 'fedws' has no attribute {name!r}")

@@ -1,0 +1,206 @@
+"""Session: the coordinator's bookkeeping for one link to one node, with no I/O.
+
+It numbers requests, queues their encoded bytes until a transport takes a frame, and turns
+the node's replies into resolved futures. Commands are acknowledged by the reply's
+watermark, so a command nobody awaits costs no future at all; a future is made only when
+someone asks (``ack_future``) or when a request returns a value.
+
+Thread-safety: user threads submit while the IO thread takes frames and feeds replies;
+one lock guards the counters, and futures are resolved outside it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from ..exceptions import FedwsError, ProtocolError, RemoteError
+from ..protocol import codec
+from ..protocol.errors import error_from_wire
+from ..protocol.messages import FRAME_ERROR_SEQ, Kind
+
+__all__ = ["Session"]
+
+_MAX_REMEMBERED_ERRORS = 10_000
+# Messages larger than this stay borrowed (not copied) until the transport writes them.
+COPY_LIMIT = 1 << 20
+
+
+class Session:
+    """Requests in flight on one link, and what became of them."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._last_seq = 0
+        self._outbox: list[bytes | memoryview] = []
+        self._outbox_msgs = 0
+        self._deletes: deque[int] = deque()
+        self._acked = 0
+        self._requests: dict[int, Future[Any]] = {}
+        self._waiters: list[tuple[int, int, Future[Any]]] = []
+        self._tie = itertools.count()
+        self._errors: OrderedDict[int, RemoteError] = OrderedDict()
+        self._lost: FedwsError | None = None
+        self.frames_taken = 0
+        self.messages_sent = 0
+
+    # -- producing requests -------------------------------------------------------------
+
+    def submit(self, kind: Kind, *fields: Any, want_value: bool = False) -> tuple[int, Future[Any] | None, bool]:
+        """Queue a request. Returns (seq, value future or None, borrowed).
+
+        ``borrowed`` is True when the message holds large tensor memory by reference: the
+        caller must not let the tensor change until the transport has written the frame.
+        """
+        with self._lock:
+            if self._lost is not None:
+                raise self._lost
+            seq = next(self._seq)
+            chunks = codec.encode([int(kind), seq, *fields])
+            size = sum(len(c) for c in chunks)
+            borrowed = size > COPY_LIMIT
+            if borrowed:
+                self._outbox.extend(chunks)
+            else:
+                self._outbox.append(b"".join(chunks))
+            self._outbox_msgs += 1
+            self._last_seq = seq
+            fut: Future[Any] | None = None
+            if want_value:
+                fut = Future()
+                self._requests[seq] = fut
+            return seq, fut, borrowed
+
+    def queue_delete(self, obj_id: int) -> None:
+        """Ask for ``obj_id`` to be deleted with the next frame. Safe from ``__del__``."""
+        self._deletes.append(obj_id)
+
+    def has_outgoing(self) -> bool:
+        return bool(self._outbox) or bool(self._deletes)
+
+    def take_frame(self) -> list[bytes | memoryview] | None:
+        """Everything queued, as the chunks of one frame; None if nothing is queued."""
+        with self._lock:
+            if self._deletes:
+                ids = []
+                while self._deletes:
+                    ids.append(self._deletes.popleft())
+                seq = next(self._seq)
+                self._last_seq = seq
+                self._outbox.append(codec.encode_bytes([int(Kind.DELETE), seq, ids]))
+                self._outbox_msgs += 1
+            if not self._outbox:
+                return None
+            frame, self._outbox = self._outbox, []
+            self.messages_sent += self._outbox_msgs
+            self._outbox_msgs = 0
+            self.frames_taken += 1
+            return frame
+
+    # -- consuming replies --------------------------------------------------------------
+
+    def receive(self, reply: bytes | bytearray | memoryview, pointer_factory: Callable[[Any], Any] | None) -> None:
+        """Apply one reply frame from the node."""
+        try:
+            watermark, values, errors = codec.decode(reply, pointer_factory)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed reply from {self.worker_id!r}: {exc}") from exc
+        settle: list[tuple[Future[Any], bool, Any]] = []
+        with self._lock:
+            for seq, err, _result_ids in errors:
+                error = error_from_wire(err)
+                if seq == FRAME_ERROR_SEQ:
+                    # The node could not read part of a frame: whatever waits now fails.
+                    for fut in self._requests.values():
+                        settle.append((fut, False, error))
+                    self._requests.clear()
+                    continue
+                self._errors[seq] = error
+                if len(self._errors) > _MAX_REMEMBERED_ERRORS:
+                    self._errors.popitem(last=False)
+                fut = self._requests.pop(seq, None)
+                if fut is not None:
+                    settle.append((fut, False, error))
+            for seq, value in values:
+                fut = self._requests.pop(seq, None)
+                if fut is not None:
+                    settle.append((fut, True, value))
+            if watermark > self._acked:
+                self._acked = watermark
+            while self._waiters and self._waiters[0][0] <= self._acked:
+                seq, _, fut = heapq.heappop(self._waiters)
+                err = self._errors.get(seq)
+                settle.append((fut, err is None, err))
+            for seq in [s for s in self._requests if s <= self._acked]:
+                settle.append((self._requests.pop(seq), False, ProtocolError(
+                    f"worker {self.worker_id!r} finished request {seq} without answering it")))
+        _settle(settle)
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def ack_future(self, seq: int) -> Future[Any]:
+        """A future that completes when the node has run request ``seq``.
+
+        It fails with the request's remote error if the request failed.
+        """
+        fut: Future[Any] = Future()
+        with self._lock:
+            if seq <= self._acked:
+                err = self._errors.get(seq)
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+            elif self._lost is not None:
+                fut.set_exception(self._lost)
+            else:
+                heapq.heappush(self._waiters, (seq, next(self._tie), fut))
+        return fut
+
+    def error_of(self, seq: int) -> RemoteError | None:
+        """The remote error of request ``seq`` if it failed and is still remembered."""
+        return self._errors.get(seq)
+
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    @property
+    def pending(self) -> int:
+        """Requests sent or queued that the node has not acknowledged yet."""
+        return self._last_seq - self._acked
+
+    def fail_all(self, exc: FedwsError, *, permanent: bool = True) -> None:
+        """The link is gone: every pending future fails with ``exc``."""
+        with self._lock:
+            if permanent:
+                self._lost = exc
+            settle = [(f, False, exc) for f in self._requests.values()]
+            settle += [(f, False, exc) for _, _, f in self._waiters]
+            self._requests.clear()
+            self._waiters.clear()
+            self._outbox.clear()
+            self._outbox_msgs = 0
+            self._acked = self._last_seq  # nothing pending any more
+        _settle(settle)
+
+    def reset(self) -> None:
+        """Start afresh after a reconnect (pending work was failed by ``fail_all``)."""
+        with self._lock:
+            self._lost = None
+
+
+def _settle(items: list[tuple[Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in items:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)

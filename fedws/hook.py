@@ -1,0 +1,245 @@
+"""Torch integration: ``Tensor.send/tag/describe`` and ``nn.Module.send/get/copy/move``.
+
+``TorchHook(torch)`` adds these methods (once per process) and creates the federation's
+local worker ``"me"``. Several hooks can live in one process, each with its own workers,
+which our tests and notebooks need; ``fedws.local_worker`` is the latest hook's.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .client.worker import VirtualWorker, Worker
+from .exceptions import PointerError
+from .pointers import MultiPointerTensor, PointerParameter, PointerTensor, make_pointer
+from .protocol.codec import ObjRef
+from .protocol.ids import new_id
+from .protocol.messages import Kind
+
+__all__ = ["TorchHook", "send_tensor"]
+
+_current: TorchHook | None = None
+
+
+class TorchHook:
+    """The entry point of a federation: ``hook = sy.TorchHook(torch)``.
+
+    Attributes:
+        local_worker: the coordinator's own worker (id ``"me"``), owner of its pointers.
+        workers: every worker created with this hook, by id.
+    """
+
+    def __init__(self, torch_module: Any = torch, local_worker: Worker | None = None) -> None:
+        global _current
+        if torch_module is not torch:
+            raise TypeError("TorchHook expects the torch module: sy.TorchHook(torch)")
+        self.torch = torch_module
+        self.workers: dict[str, Worker] = {}
+        _install()
+        self.local_worker: Worker = local_worker or VirtualWorker(self, id="me")
+        _current = self
+
+    def register_worker(self, worker: Worker) -> None:
+        """Called by every worker built with this hook; later workers replace earlier ones."""
+        self.workers[worker.id] = worker
+        if self.workers is not None and hasattr(self, "local_worker"):
+            # The coordinator can follow pointers to any worker of its federation.
+            self.local_worker.peers[worker.id] = worker
+
+    def __repr__(self) -> str:
+        return f"<TorchHook workers={sorted(self.workers)}>"
+
+
+def current_hook() -> TorchHook | None:
+    return _current
+
+
+# -- Tensor methods -----------------------------------------------------------------------
+
+
+def send_tensor(tensor: torch.Tensor, *workers: Worker) -> PointerTensor | MultiPointerTensor:
+    """Send ``tensor`` to one worker (a pointer) or several (a MultiPointerTensor).
+
+    The local tensor is left as it is.
+
+    Example:
+        >>> x_ptr = torch.tensor([1, 2, 3]).send(bob)
+    """
+    if not workers:
+        raise PointerError("send() needs at least one worker")
+    for w in workers:
+        if not isinstance(w, Worker):
+            raise TypeError(f"send() expects workers, got {type(w).__name__}")
+    if len(workers) > 1:
+        return MultiPointerTensor([_send_one(tensor, w) for w in workers])
+    return _send_one(tensor, workers[0])
+
+
+def _owner(worker: Worker) -> Worker:
+    return worker.hook.local_worker if worker.hook is not None else worker
+
+
+def _send_one(tensor: torch.Tensor, worker: Worker) -> PointerTensor:
+    remote_id = new_id()
+    seq = worker.store(
+        tensor,
+        obj_id=remote_id,
+        tags=getattr(tensor, "tags", None) or (),
+        description=getattr(tensor, "description", None),
+    )
+    return make_pointer(
+        worker,
+        remote_id,
+        shape=tuple(tensor.shape),
+        dtype=tensor.dtype,
+        requires_grad=tensor.requires_grad,
+        owner=_owner(worker),
+        id=new_id(),
+        seq=seq,
+    )
+
+
+def _tag(tensor: torch.Tensor, *tags: str) -> torch.Tensor:
+    """Add search tags (``worker.search("tag")`` finds the tensor once sent); returns it."""
+    current = set(getattr(tensor, "tags", None) or ())
+    current.update(tags)
+    tensor.tags = current  # type: ignore[attr-defined]
+    return tensor
+
+
+def _describe(tensor: torch.Tensor, description: str) -> torch.Tensor:
+    """Attach a human description that travels with the tensor; returns it."""
+    tensor.description = description  # type: ignore[attr-defined]
+    return tensor
+
+
+# -- Module methods -----------------------------------------------------------------------
+
+
+def module_send(module: nn.Module, worker: Worker) -> nn.Module:
+    """Send every parameter and buffer to ``worker``; the module then runs there.
+
+    Parameters stay the same Python objects (an optimizer built earlier keeps them); their
+    gradients travel with them. Returns the module.
+    """
+    if not isinstance(worker, Worker):
+        raise TypeError(f"Module.send expects a worker, got {type(worker).__name__}")
+    for _, param in _own_params(module):
+        if isinstance(param, PointerTensor):
+            raise PointerError(f"module is already on worker {param.location.id!r}; get() it first")
+    for m in module.modules():
+        for name, param in list(m._parameters.items()):
+            if param is not None:
+                _param_to_pointer(param, worker)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None and not isinstance(buf, PointerTensor):
+                m._buffers[name] = _send_one(buf, worker)
+    return module
+
+
+def _own_params(module: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    return module.named_parameters()
+
+
+def _param_to_pointer(param: nn.Parameter, worker: Worker) -> None:
+    remote_id = new_id()
+    seq = worker.store(param, obj_id=remote_id)
+    shape, dtype, rg = tuple(param.shape), param.dtype, param.requires_grad
+    local_class = type(param)
+    param.grad = None
+    # Keep the object, drop its memory: a zero-stride shell of the right shape.
+    param.data = torch.empty_strided(shape, [0] * len(shape), dtype=dtype)
+    param.__class__ = PointerParameter
+    from .pointers import _attach
+
+    _attach(param, worker, remote_id, _owner(worker), new_id(), seq, True, (shape, dtype, rg))
+    param.__dict__["_local_class"] = local_class
+
+
+def _pointer_to_param(param: PointerParameter, value: torch.Tensor) -> None:
+    local_class = param.__dict__.pop("_local_class", nn.Parameter)
+    for key in ("location", "id_at_location", "id", "owner", "_seq", "_sig", "_ownership", "_gotten"):
+        param.__dict__.pop(key, None)
+    param.__class__ = local_class
+    param.data = value.detach()
+    param.grad = value.grad
+
+
+def module_get(module: nn.Module) -> nn.Module:
+    """Bring every parameter (with its gradient) and buffer back; returns the module."""
+    pending = []
+    for m in module.modules():
+        for name, param in m._parameters.items():
+            if isinstance(param, PointerParameter):
+                param._check_live()
+                _, fut = param.location.submit(Kind.GET, param.id_at_location, True, want_value=True)
+                pending.append(("p", m, name, param, fut))
+        for name, buf in m._buffers.items():
+            if isinstance(buf, PointerTensor):
+                _, fut = buf.location.submit(Kind.GET, buf.id_at_location, True, want_value=True)
+                pending.append(("b", m, name, buf, fut))
+    from .client.io_thread import wait
+
+    for kind, m, name, ptr, fut in pending:  # all requests are out: one round trip in all
+        value = wait(fut, ptr.location._timeout(None), f"get of {name}")
+        ptr._mark_gotten()
+        if kind == "p":
+            _pointer_to_param(ptr, value)
+        else:
+            m._buffers[name] = value
+    return module
+
+
+def module_copy(module: nn.Module) -> nn.Module:
+    """A deep copy; for a sent module the copy is made on the worker (remote clones)."""
+    return copy.deepcopy(module)
+
+
+def module_move(module: nn.Module, worker: Worker) -> nn.Module:
+    """Move a sent module's parameters to ``worker`` node to node; returns the module."""
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for name, ptr in store.items():
+                if not isinstance(ptr, PointerTensor):
+                    raise PointerError("move() needs a sent module; use send() for a local one")
+                if ptr.location is worker:
+                    continue
+                moved = ptr.move(worker)
+                # Re-point the same object, so optimizers holding it follow the move.
+                d = ptr.__dict__
+                d["location"], d["id_at_location"], d["_seq"] = worker, moved.id_at_location, moved._seq
+                d["_ownership"], moved.__dict__["_ownership"] = moved._ownership, d["_ownership"]
+                moved.__dict__["_ownership"].active = False
+    return module
+
+
+def module_location(module: nn.Module) -> Worker | None:
+    """Where a sent module's parameters are (None for a local module)."""
+    for p in module.parameters():
+        return p.location if isinstance(p, PointerTensor) else None
+    return None
+
+
+_installed = False
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    torch.Tensor.send = send_tensor  # type: ignore[attr-defined]
+    torch.Tensor.tag = _tag  # type: ignore[attr-defined]
+    torch.Tensor.describe = _describe  # type: ignore[attr-defined]
+    nn.Module.send = module_send  # type: ignore[attr-defined]
+    nn.Module.get = module_get  # type: ignore[attr-defined]
+    nn.Module.copy = module_copy  # type: ignore[attr-defined]
+    nn.Module.move = module_move  # type: ignore[attr-defined]
+    nn.Module.location = property(module_location)  # type: ignore[attr-defined]
+    _installed = True
+
+
+_ = ObjRef  # re-exported for plans

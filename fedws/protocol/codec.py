@@ -1,0 +1,318 @@
+"""The msgpack codec: values to bytes and back, with tensors as raw buffers.
+
+A *blob* is one encoded value::
+
+    u32 env_len | u64 buf_len | env (msgpack) | raw tensor buffers (buf_len bytes)
+
+The msgpack envelope holds everything except tensor bytes; a tensor is an ext value whose
+small header (dtype, shape, requires_grad, offset, nbytes, grad) points into the raw region.
+Encoding hands the tensor's memory to the transport as a memoryview (no copy); decoding
+copies each tensor once into memory torch owns. A *frame* is a sequence of blobs.
+
+Nothing decoded is ever executed: refs, pointers and constants decode to inert data
+classes, and the only names resolved are dtypes and a fixed set of torch constants.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import msgpack
+import torch
+
+from ..exceptions import DecodeError, EncodeError
+
+__all__ = [
+    "ObjRef",
+    "PointerRef",
+    "encode",
+    "encode_bytes",
+    "decode",
+    "iter_blobs",
+    "DTYPES",
+]
+
+_HEAD = struct.Struct("<IQ")
+HEAD_SIZE = _HEAD.size
+
+EXT_TENSOR = 1
+EXT_TUPLE = 2
+EXT_REF = 3
+EXT_POINTER = 4
+EXT_DTYPE = 5
+EXT_SLICE = 6
+EXT_ELLIPSIS = 7
+EXT_COMPLEX = 8
+EXT_DEVICE = 9
+EXT_CONST = 10
+EXT_SET = 11
+
+# Every dtype torch has, by its public name ("float32", "bfloat16", "bool", ...).
+DTYPES: dict[str, torch.dtype] = {}
+for _name in dir(torch):
+    _val = getattr(torch, _name, None)
+    if isinstance(_val, torch.dtype):
+        DTYPES.setdefault(str(_val).removeprefix("torch."), _val)
+_DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+# Non-tensor torch constants that appear as op arguments.
+_CONSTS: dict[str, Any] = {
+    name: getattr(torch, name)
+    for name in (
+        "preserve_format",
+        "contiguous_format",
+        "channels_last",
+        "channels_last_3d",
+        "strided",
+        "sparse_coo",
+    )
+    if hasattr(torch, name)
+}
+_CONST_NAMES = {id(v): k for k, v in _CONSTS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class ObjRef:
+    """'The object you store under ``id``' — how commands name their arguments."""
+
+    id: int
+
+
+@dataclass(slots=True)
+class PointerRef:
+    """A pointer travelling as a value (a pointer chain, or a pointer handed back by get)."""
+
+    location: str
+    address: str | None
+    id_at_location: int
+    id: int
+    shape: tuple[int, ...] | None
+    dtype: str
+    requires_grad: bool
+
+
+class _Encoder:
+    __slots__ = ("buffers", "offset")
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.offset = 0
+
+    def pack(self, obj: Any) -> bytes:
+        return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
+
+    def default(self, obj: Any) -> Any:
+        to_wire = getattr(type(obj), "__fedws_encode__", None)
+        if to_wire is not None:  # pointers (and other fedws values) describe themselves
+            obj = to_wire(obj)
+        if isinstance(obj, torch.Tensor):
+            return msgpack.ExtType(EXT_TENSOR, self.pack(self.tensor_header(obj)))
+        if isinstance(obj, tuple):  # includes torch.Size and named tuples
+            return msgpack.ExtType(EXT_TUPLE, self.pack(list(obj)))
+        if isinstance(obj, ObjRef):
+            return msgpack.ExtType(EXT_REF, self.pack(obj.id))
+        if isinstance(obj, PointerRef):
+            return msgpack.ExtType(
+                EXT_POINTER,
+                self.pack(
+                    [
+                        obj.location,
+                        obj.address,
+                        obj.id_at_location,
+                        obj.id,
+                        None if obj.shape is None else list(obj.shape),
+                        obj.dtype,
+                        obj.requires_grad,
+                    ]
+                ),
+            )
+        if isinstance(obj, torch.dtype):
+            return msgpack.ExtType(EXT_DTYPE, _DTYPE_NAMES[obj].encode())
+        if isinstance(obj, slice):
+            return msgpack.ExtType(EXT_SLICE, self.pack([obj.start, obj.stop, obj.step]))
+        if obj is Ellipsis:
+            return msgpack.ExtType(EXT_ELLIPSIS, b"")
+        if isinstance(obj, complex):
+            return msgpack.ExtType(EXT_COMPLEX, struct.pack("<dd", obj.real, obj.imag))
+        if isinstance(obj, torch.device):
+            return msgpack.ExtType(EXT_DEVICE, str(obj).encode())
+        if isinstance(obj, (set, frozenset)):
+            return msgpack.ExtType(EXT_SET, self.pack(sorted(obj, key=repr)))
+        if isinstance(obj, bool):  # numpy/other bool-likes are not exact bools
+            return bool(obj)
+        if isinstance(obj, int):  # IntEnum, numpy ints via __index__
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        const = _CONST_NAMES.get(id(obj))
+        if const is not None:
+            return msgpack.ExtType(EXT_CONST, const.encode())
+        raise EncodeError(f"cannot send a value of type {type(obj).__qualname__}: {obj!r:.80}")
+
+    def tensor_header(self, t: torch.Tensor) -> list[Any]:
+        if t.layout != torch.strided or t.is_quantized:
+            raise EncodeError(f"cannot send a {t.layout} tensor; only dense tensors travel")
+        if t.device.type == "meta":
+            raise EncodeError("cannot send a meta tensor: it has no data")
+        grad = t.grad if (t.is_leaf and t.requires_grad) else None
+        data = t.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.resolve_conj().resolve_neg().contiguous()
+        nbytes = data.numel() * data.element_size()
+        offset = self.offset
+        if nbytes:
+            raw = data.reshape(-1).view(torch.uint8).numpy()  # numpy only to borrow the buffer
+            self.buffers.append(memoryview(raw).cast("B"))
+            self.offset += nbytes
+        return [
+            _DTYPE_NAMES[data.dtype],
+            list(data.shape),
+            bool(t.requires_grad),
+            offset,
+            nbytes,
+            grad,
+        ]
+
+
+def encode(obj: Any) -> list[bytes | memoryview]:
+    """Encode ``obj`` as the chunks of one blob; tensor bytes are borrowed, not copied."""
+    enc = _Encoder()
+    try:
+        env = enc.pack(obj)
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode value: {exc}") from exc
+    return [_HEAD.pack(len(env), enc.offset), env, *enc.buffers]
+
+
+def encode_bytes(obj: Any) -> bytes:
+    """Encode ``obj`` as one ``bytes`` blob (copies tensor data: a snapshot)."""
+    return b"".join(encode(obj))
+
+
+def iter_blobs(frame: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """Split a frame into its blobs; raise DecodeError on a truncated or corrupt frame."""
+    mv = memoryview(frame).cast("B")
+    pos, end = 0, len(mv)
+    if end == 0:
+        raise DecodeError("empty frame")
+    while pos < end:
+        if end - pos < HEAD_SIZE:
+            raise DecodeError(f"truncated blob header at byte {pos}")
+        env_len, buf_len = _HEAD.unpack_from(mv, pos)
+        size = HEAD_SIZE + env_len + buf_len
+        if pos + size > end:
+            raise DecodeError(
+                f"blob at byte {pos} claims {size} bytes but only {end - pos} remain"
+            )
+        yield mv[pos : pos + size]
+        pos += size
+
+
+PointerFactory = Callable[[PointerRef], Any]
+
+
+def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory | None = None) -> Any:
+    """Decode one blob. ``pointer_factory`` turns PointerRefs into live pointers.
+
+    Raises:
+        DecodeError: the bytes are not a valid blob; nothing was partially applied.
+    """
+    mv = memoryview(blob).cast("B")
+    if len(mv) < HEAD_SIZE:
+        raise DecodeError("blob shorter than its header")
+    env_len, buf_len = _HEAD.unpack_from(mv, 0)
+    base = HEAD_SIZE + env_len
+    if base + buf_len != len(mv):
+        raise DecodeError(f"blob length {len(mv)} does not match its header ({base + buf_len})")
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_TENSOR:
+            return _tensor(unpack(data), mv, base, buf_len)
+        if code == EXT_TUPLE:
+            return tuple(unpack(data))
+        if code == EXT_REF:
+            return ObjRef(unpack(data))
+        if code == EXT_POINTER:
+            loc, addr, id_at, pid, shape, dtype, rg = unpack(data)
+            if dtype not in DTYPES:
+                raise DecodeError(f"unknown dtype {dtype!r}")
+            ref = PointerRef(loc, addr, id_at, pid, None if shape is None else tuple(shape), dtype, rg)
+            return pointer_factory(ref) if pointer_factory is not None else ref
+        if code == EXT_DTYPE:
+            name = data.decode()
+            if name not in DTYPES:
+                raise DecodeError(f"unknown dtype {name!r}")
+            return DTYPES[name]
+        if code == EXT_SLICE:
+            return slice(*unpack(data))
+        if code == EXT_ELLIPSIS:
+            return Ellipsis
+        if code == EXT_COMPLEX:
+            return complex(*struct.unpack("<dd", data))
+        if code == EXT_DEVICE:
+            return torch.device(data.decode())
+        if code == EXT_CONST:
+            name = data.decode()
+            if name not in _CONSTS:
+                raise DecodeError(f"unknown constant {name!r}")
+            return _CONSTS[name]
+        if code == EXT_SET:
+            return set(unpack(data))
+        raise DecodeError(f"unknown ext type {code}")
+
+    def unpack(data: bytes | memoryview) -> Any:
+        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+
+    try:
+        return unpack(mv[HEAD_SIZE:base])
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+
+
+def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tensor:
+    try:
+        dtype_name, shape, requires_grad, offset, nbytes, grad = header
+        dtype = DTYPES[dtype_name]
+        shape = [int(s) for s in shape]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DecodeError(f"bad tensor header {header!r:.120}") from exc
+    if any(s < 0 for s in shape):
+        raise DecodeError(f"negative size in tensor shape {shape}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel * itemsize != nbytes:
+        raise DecodeError(
+            f"tensor header says {dtype_name}{shape} ({numel * itemsize} bytes) but carries {nbytes}"
+        )
+    if offset < 0 or offset + nbytes > buf_len:
+        raise DecodeError("tensor bytes lie outside the blob")
+    if nbytes == 0:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        start = base + offset
+        raw = bytearray(mv[start : start + nbytes])  # one copy, into memory torch may write
+        t = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+    if requires_grad:
+        if not (t.is_floating_point() or t.is_complex()):
+            raise DecodeError(f"a {dtype_name} tensor cannot require grad")
+        t.requires_grad_(True)
+        if grad is not None:
+            if not isinstance(grad, torch.Tensor) or grad.shape != t.shape:
+                raise DecodeError("tensor grad does not match its tensor")
+            t.grad = grad
+    return t
