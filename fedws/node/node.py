@@ -74,6 +74,7 @@ class Node:
             Kind.RUN_PLAN: self._run_plan,
             Kind.ADD_PEER: self._add_peer,
             Kind.PING: lambda msg: "pong",
+            Kind.STORE_PLAN: self._store_plan,
         }
         self._fedws_ops: dict[str, Callable[..., Any]] = {
             "fedws.set_grad": _set_grad,
@@ -289,9 +290,15 @@ class Node:
         return _NO_VALUE
 
     def _run_plan(self, msg: list[Any]) -> Any:
-        from ..plans.runner import run_plan  # plans are optional for a bare node
+        from ..plans.runner import run_plan  # the plans package owns plan semantics
 
         run_plan(self, msg)
+        return _NO_VALUE
+
+    def _store_plan(self, msg: list[Any]) -> Any:
+        from ..plans.runner import store_plan
+
+        store_plan(self, msg)
         return _NO_VALUE
 
     # -- fedws ops ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Kind(IntEnum):
     RUN_PLAN = 8  # plan_id, args, result_ids — run a stored plan
     ADD_PEER = 9  # worker_id, address — tell the node where another node is
     PING = 10  # — round trip, nothing else
+    STORE_PLAN = 11  # id, plan — check a plan against the allowlist and store it
 
 
 # Seq used in an error entry that concerns the whole frame (it could not be decoded).
