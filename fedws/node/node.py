@@ -10,6 +10,7 @@ them fail with the same error, chained.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 import torch
@@ -63,6 +64,7 @@ class Node:
         self.pointer_factory = pointer_factory
         self.add_peer = add_peer
         self.plans: dict[int, Any] = {}
+        self._frame = threading.local()
         self._handlers: dict[int, Callable[[list[Any]], Any]] = {
             Kind.CMD: self._cmd,
             Kind.STORE: self._store,
@@ -89,7 +91,8 @@ class Node:
         values: list[list[Any]] = []
         errors: list[list[Any]] = []
         watermark = 0
-        self._after_reply: list[Callable[[], None]] = []
+        # Per-thread: a WebSocket node runs one handler thread per connection.
+        self._frame.after_reply = []
         try:
             blobs = list(codec.iter_blobs(frame))
         except DecodeError as exc:
@@ -132,11 +135,11 @@ class Node:
                     good.append([seq, value])
                 except EncodeError as exc:
                     errors.append([seq, error_to_wire(exc, worker=self.id), []])
-                    self._after_reply = [f for f in self._after_reply if getattr(f, "seq", None) != seq]
+                    self._frame.after_reply = [f for f in self._frame.after_reply if getattr(f, "seq", None) != seq]
             reply = codec.encode([watermark, good, errors])
-        for finish in self._after_reply:  # removals of gotten objects, once the reply exists
+        for finish in self._frame.after_reply:  # removals of gotten objects, once the reply exists
             finish()
-        self._after_reply = []
+        self._frame.after_reply = []
         return reply
 
     def _describe_failure(self, exc: BaseException, kind: int, msg: list[Any]) -> list[Any]:
@@ -239,7 +242,7 @@ class Node:
                 self.store.delete(obj_id)
 
             finish.seq = msg[1]  # type: ignore[attr-defined]
-            self._after_reply.append(finish)
+            self._frame.after_reply.append(finish)
         return value
 
     def _delete(self, msg: list[Any]) -> Any:
