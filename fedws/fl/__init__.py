@@ -1,0 +1,36 @@
+"""Federated training on top of fedws: FedAvg across worker nodes.
+
+The data stays on the nodes; the model travels. :class:`FedAvg` runs the rounds,
+:mod:`fedws.fl.aggregate` holds the pure averaging arithmetic, :mod:`fedws.fl.trusted`
+averages on a trusted worker so the coordinator sees only the average.
+
+Example:
+    >>> from fedws.fl import FedAvg, FedAvgConfig
+    >>> history = FedAvg(model, [alice, bob], FedAvgConfig(rounds=3), test_data=(x, y)).fit()
+"""
+
+from __future__ import annotations
+
+from .aggregate import fedavg, fedavg_weights, validate_updates
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .config import FedAvgConfig
+from .evaluate import evaluate
+from .fedavg import FedAvg, train_federated
+from .history import History, RoundMetrics
+from .sampling import sample_nodes
+
+__all__ = [
+    "FedAvg",
+    "FedAvgConfig",
+    "History",
+    "RoundMetrics",
+    "train_federated",
+    "fedavg",
+    "fedavg_weights",
+    "validate_updates",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "evaluate",
+    "sample_nodes",
+]

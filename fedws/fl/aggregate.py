@@ -1,0 +1,110 @@
+"""FedAvg as pure functions: state dicts and sample counts in, one state dict out.
+
+Nothing here does I/O or knows about workers, so the arithmetic of federated averaging is
+tested on its own (``tests/test_fl_aggregate.py``) and reused by every way of training:
+on the coordinator, or on a trusted aggregator worker (:mod:`fedws.fl.trusted`), where
+:func:`fedavg_weights` says how much each update counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = ["StateDict", "Update", "fedavg", "fedavg_weights", "validate_updates"]
+
+StateDict = Mapping[str, torch.Tensor]
+Update = tuple[StateDict, int]
+
+
+def fedavg_weights(num_examples: Sequence[int]) -> list[float]:
+    """Each update's share of the average: its sample count over the total.
+
+    A node that trained on more examples moves the global model further, which is what
+    makes FedAvg equal to centralized SGD on the union of the data in the simple case.
+
+    Raises:
+        ValueError: a count is negative, or they sum to zero.
+    """
+    counts = [int(n) for n in num_examples]
+    if not counts:
+        raise ValueError("fedavg needs at least one update")
+    for i, n in enumerate(counts):
+        if n < 0:
+            raise ValueError(f"update {i} has a negative sample count ({n})")
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("fedavg: every update has 0 examples, nothing to weigh them by")
+    return [n / total for n in counts]
+
+
+def validate_updates(updates: Sequence[Update]) -> None:
+    """Check that the updates can be averaged: same keys, shapes and dtypes everywhere.
+
+    Checked up front so that a node that sent a different model is named in the error
+    instead of surfacing as a shape error halfway through the average.
+
+    Raises:
+        ValueError: no updates, a mismatched key set, shape or dtype, or a non-tensor.
+    """
+    if not updates:
+        raise ValueError("fedavg needs at least one update")
+    first, _ = updates[0]
+    keys = list(first.keys())
+    for i, (state, _n) in enumerate(updates):
+        if set(state.keys()) != set(keys):
+            missing = sorted(set(keys) - set(state.keys()))
+            extra = sorted(set(state.keys()) - set(keys))
+            raise ValueError(
+                f"update {i} does not have the keys of update 0 (missing {missing}, extra {extra})"
+            )
+        for key in keys:
+            ref, value = first[key], state[key]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"update {i}: {key!r} is a {type(value).__name__}, not a tensor")
+            if value.shape != ref.shape:
+                raise ValueError(
+                    f"update {i}: {key!r} has shape {tuple(value.shape)}, update 0 has {tuple(ref.shape)}"
+                )
+            if value.dtype != ref.dtype:
+                raise ValueError(f"update {i}: {key!r} has dtype {value.dtype}, update 0 has {ref.dtype}")
+
+
+def fedavg(updates: Sequence[Update]) -> dict[str, torch.Tensor]:
+    """Average state dicts weighted by the number of examples each was trained on.
+
+    Floating-point entries are averaged in float64 and cast back, so the result does not
+    depend on the order of the updates beyond rounding. Integer entries (such as a
+    BatchNorm's ``num_batches_tracked``) are averaged the same way and rounded.
+
+    Args:
+        updates: ``(state_dict, num_examples)`` pairs, one per node.
+
+    Returns:
+        A new state dict with the keys (in the order) of the first update.
+
+    Raises:
+        ValueError: see :func:`validate_updates` and :func:`fedavg_weights`.
+
+    Example:
+        >>> fedavg([({"w": torch.tensor([0.0])}, 1), ({"w": torch.tensor([3.0])}, 2)])
+        {'w': tensor([2.])}
+    """
+    validate_updates(updates)
+    weights = fedavg_weights([n for _, n in updates])
+    first, _ = updates[0]
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in first.items():
+        wide = torch.complex128 if ref.dtype.is_complex else torch.float64
+        acc = torch.zeros(ref.shape, dtype=wide)
+        for (state, _n), w in zip(updates, weights):
+            if w:
+                acc += state[key].detach().to(wide) * w
+        if ref.dtype.is_floating_point or ref.dtype.is_complex:
+            out[key] = acc.to(ref.dtype)
+        elif ref.dtype == torch.bool:
+            out[key] = acc >= 0.5
+        else:
+            out[key] = acc.round().to(ref.dtype)
+    return out

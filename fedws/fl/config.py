@@ -1,0 +1,72 @@
+"""FedAvgConfig: every knob of a federated training run, in one validated place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["FedAvgConfig"]
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """How a federated training run goes.
+
+    Attributes:
+        rounds: number of federated rounds (send, train locally, average).
+        fraction: share of the known nodes selected each round (Flower's ``fraction_fit``).
+        nodes_per_round: an exact count instead of ``fraction``; wins when both are set.
+        min_nodes: a round fails unless at least this many nodes answered. Selection never
+            picks fewer than this (if that many exist).
+        local_epochs: passes over its shard each node makes per round.
+        batch_size: local minibatch size.
+        lr: learning rate of the local SGD.
+        momentum: momentum of the local SGD (its state is not kept between rounds).
+        round_timeout: seconds a round waits for the nodes; slower nodes are dropped.
+        seed: seeds node selection and the order of the local minibatches, so a run is
+            reproducible.
+        data_tags: tags every training tensor on a node carries (``"#train"``).
+        x_tag: the extra tag of the features tensor.
+        y_tag: the extra tag of the labels tensor.
+    """
+
+    rounds: int = 5
+    fraction: float = 1.0
+    nodes_per_round: int | None = None
+    min_nodes: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    round_timeout: float = 60.0
+    seed: int = 0
+    data_tags: tuple[str, ...] = field(default_factory=lambda: ("#train",))
+    x_tag: str = "#x"
+    y_tag: str = "#y"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.nodes_per_round is not None and self.nodes_per_round < 1:
+            raise ValueError(f"nodes_per_round must be >= 1, got {self.nodes_per_round}")
+        if self.min_nodes < 1:
+            raise ValueError(f"min_nodes must be >= 1, got {self.min_nodes}")
+        if self.local_epochs < 1 or self.batch_size < 1:
+            raise ValueError("local_epochs and batch_size must be >= 1")
+        if self.lr <= 0 or self.round_timeout <= 0:
+            raise ValueError("lr and round_timeout must be > 0")
+        object.__setattr__(self, "data_tags", tuple(self.data_tags))
+
+    def nodes_to_select(self, available: int) -> int:
+        """How many of ``available`` nodes a round selects."""
+        wanted = self.nodes_per_round if self.nodes_per_round is not None else math.ceil(self.fraction * available)
+        return min(available, max(wanted, self.min_nodes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (saved with checkpoints)."""
+        d = asdict(self)
+        d["data_tags"] = list(self.data_tags)
+        return d

@@ -1,0 +1,113 @@
+"""Non-blocking requests the coordinator needs, and waiting on many of them at once.
+
+Federated rounds must issue work on every node before waiting on any, and must stop
+waiting at a deadline. The blocking user API (``ptr.get()``, ``worker.search()``) waits
+one request at a time with no shared deadline, so this module submits the same requests
+through :meth:`Worker.submit` and hands back futures. Nothing here is specific to FedAvg.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+from ..client.worker import Worker
+from ..exceptions import FedwsTimeoutError, RemoteError
+from ..pointers import PointerTensor, pointer_from_description
+from ..protocol.messages import Kind
+
+__all__ = ["search_nowait", "fetch_nowait", "mark", "barrier_nowait", "first_error", "wait_all", "Deadline"]
+
+
+class Deadline:
+    """A point in time that several waits share (``remaining()`` never goes below 0)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+
+def search_nowait(worker: Worker, tags: list[str]) -> Future[list[PointerTensor]]:
+    """``worker.search(*tags)`` without blocking: a future of non-owning pointers."""
+    _, raw = worker.submit(Kind.SEARCH, list(tags), want_value=True)
+    assert raw is not None
+    out: Future[list[PointerTensor]] = Future()
+
+    def convert(f: Future[Any]) -> None:
+        try:
+            out.set_result([pointer_from_description(worker, d) for d in f.result()])
+        except BaseException as exc:  # the remote error, or a malformed description
+            out.set_exception(exc)
+
+    raw.add_done_callback(convert)
+    return out
+
+
+def fetch_nowait(ptr: PointerTensor) -> Future[Any]:
+    """A copy of the pointed-to value, without removing it from the node.
+
+    The node keeps the object until the pointer is dropped, so a fetch that arrives too
+    late (a dropped node) leaves nothing behind either.
+    """
+    _, fut = ptr.location.submit(Kind.GET, ptr.id_at_location, False, want_value=True)
+    assert fut is not None
+    return fut
+
+
+def mark(worker: Worker) -> int:
+    """Queue a no-op and return its seq: the start of a range for :func:`first_error`."""
+    seq, _ = worker.submit(Kind.PING)
+    return seq
+
+
+def barrier_nowait(worker: Worker) -> tuple[int, Future[Any]]:
+    """A ping whose future resolves once every request sent before it has run."""
+    seq, fut = worker.submit(Kind.PING, want_value=True)
+    assert fut is not None
+    return seq, fut
+
+
+def first_error(worker: Worker, start_seq: int, end_seq: int) -> RemoteError | None:
+    """The first remote error among requests ``start_seq..end_seq`` (once they have run).
+
+    In-place commands (``param.add_``) have no result to poison, so a failure among them
+    is only visible here, not in a later ``get``.
+    """
+    for seq in range(start_seq, end_seq + 1):
+        err = worker.session.error_of(seq)
+        if err is not None:
+            return err
+    return None
+
+
+def wait_all(
+    futures: Mapping[Hashable, list[Future[Any]]], deadline: Deadline
+) -> tuple[dict[Hashable, list[Any]], dict[Hashable, BaseException]]:
+    """Wait for groups of futures until ``deadline``.
+
+    A group succeeds when all its futures do. Returns ``(results, failures)``: results
+    per successful group in submission order; for the others the first exception, or a
+    :class:`FedwsTimeoutError` if the deadline passed first.
+    """
+    every = [f for group in futures.values() for f in group]
+    wait_futures(every, timeout=deadline.remaining())  # a failed future counts as done
+    results: dict[Hashable, list[Any]] = {}
+    failures: dict[Hashable, BaseException] = {}
+    for key, group in futures.items():
+        for f in group:
+            if not f.done():
+                failures[key] = FedwsTimeoutError(f"no answer within the {deadline.seconds:g} s round timeout")
+                break
+            exc = f.exception()
+            if exc is not None:
+                failures[key] = exc
+                break
+        else:
+            results[key] = [f.result() for f in group]
+    return results, failures

@@ -1,0 +1,58 @@
+"""Averaging on a trusted aggregator: the course's "untrusted central server" project.
+
+Each node's trained parameters move node to node to the aggregator (``model.move``), the
+weighted average is computed there, and only the average is fetched. The coordinator
+never receives an individual node's update, so it cannot study one node's gradients.
+The weights are the same as :func:`fedws.fl.aggregate.fedavg`'s, so both ways of
+averaging give the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from ..client.worker import Worker
+from . import remote
+from .aggregate import fedavg_weights
+from .local_training import LocalRun
+
+__all__ = ["connect_aggregator", "start_trusted_average"]
+
+
+def connect_aggregator(aggregator: Worker, workers: Sequence[Worker]) -> None:
+    """Let the aggregator reach every node: it pulls their updates itself."""
+    for w in workers:
+        if w is not aggregator:
+            aggregator.add_worker(w)
+
+
+def start_trusted_average(runs: Sequence[LocalRun], aggregator: Worker) -> tuple[list[str], list[Future[Any]]]:
+    """Move every run's model to ``aggregator``, average there, queue the fetch.
+
+    Returns:
+        ``(keys, futures)``: the state dict keys and, in the same order, futures of the
+        averaged tensors. Nothing else is fetched.
+    """
+    weights = fedavg_weights([r.data.num_examples for r in runs])
+    states = []
+    for run in runs:
+        run.model.move(aggregator)
+        states.append(run.model.state_dict(keep_vars=True))
+    keys = list(states[0])
+    futures: list[Future[Any]] = []
+    for key in keys:
+        dtype = states[0][key].dtype
+        wide = torch.complex128 if dtype.is_complex else torch.float64
+        total = None
+        for state, w in zip(states, weights):
+            term = state[key].detach().to(wide) * w
+            total = term if total is None else total + term
+        assert total is not None
+        if not (dtype.is_floating_point or dtype.is_complex):
+            total = total.round()
+        futures.append(remote.fetch_nowait(total.to(dtype)))
+    return keys, futures
