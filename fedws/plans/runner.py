@@ -1,0 +1,188 @@
+"""Running plan code: one interpreter for the node, the coordinator and shape inference.
+
+:func:`execute` walks a :class:`PlanCode` op by op. It only ever calls what an op name
+resolves to in the allowlist (or fedws's own ops), so a plan from the wire is data being
+interpreted, never code being run. :func:`store_plan` and :func:`run_plan` are the node's
+handlers for ``Kind.STORE_PLAN`` and ``Kind.RUN_PLAN``; the node turns what they raise into
+error replies and stores failures under the result ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..exceptions import DependencyError, FedwsError, PlanError
+from ..protocol.codec import ObjRef
+from ..protocol.errors import error_to_wire
+from ..protocol.ops import resolve
+from .code import PlanCode
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "LOCAL_FEDWS_OPS"]
+
+
+def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:
+    tensor.grad = grad
+
+
+def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    tensor.data = data
+
+
+# fedws ops a plan may use when it runs outside a node (locally, or on meta tensors).
+LOCAL_FEDWS_OPS: dict[str, Callable[..., Any]] = {"fedws.set_grad": _set_grad, "fedws.set_data": _set_data}
+
+
+def local_resolver(name: str) -> Callable[..., Any] | None:
+    return LOCAL_FEDWS_OPS.get(name) or resolve(name)
+
+
+def flat_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors inside nested lists/tuples/dicts, in order (how plan inputs are laid out)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        return [t for x in obj for t in flat_tensors(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in flat_tensors(x)]
+    return []
+
+
+def flat_outputs(out: Any) -> list[Any]:
+    """What an op's result registers hold: its tensors, or the value itself if not a sequence."""
+    if isinstance(out, (list, tuple)) and not isinstance(out, torch.Size):
+        return flat_tensors(out)
+    return [out]
+
+
+def _load(obj: Any, regs: list[Any]) -> Any:
+    t = type(obj)
+    if t is ObjRef:
+        return regs[obj.id]
+    if t is list:
+        return [_load(x, regs) for x in obj]
+    if t is tuple:
+        return tuple(_load(x, regs) for x in obj)
+    if t is dict:
+        return {k: _load(v, regs) for k, v in obj.items()}
+    return obj
+
+
+def execute(
+    code: PlanCode,
+    inputs: list[Any],
+    state: list[torch.Tensor],
+    resolver: Callable[[str], Callable[..., Any] | None] = local_resolver,
+    *,
+    worker: str | None = None,
+) -> list[Any]:
+    """Run ``code`` on ``inputs`` and ``state``; return the output values.
+
+    Raises:
+        PlanError: an op failed; the message names the op, its position and the cause.
+    """
+    if len(inputs) != code.n_inputs:
+        raise TypeError(f"plan {code.name!r} takes {code.n_inputs} input tensors, got {len(inputs)}")
+    regs: list[Any] = [*inputs, *state]
+    regs.extend([None] * (code.n_registers - len(regs)))
+    grad_before = grad_on = torch.is_grad_enabled()
+    try:
+        for i, op in enumerate(code.ops):
+            try:
+                fn = resolver(op.name)
+                if fn is None:
+                    raise KeyError(f"op {op.name!r} is not allowed")
+                args = _load(op.args, regs)
+                kwargs = _load(op.kwargs, regs) if op.kwargs else {}
+                if op.grad != grad_on:
+                    torch.set_grad_enabled(op.grad)
+                    grad_on = op.grad
+                out = fn(*args, **kwargs)
+                if op.results:
+                    values = flat_outputs(out)
+                    if len(values) != len(op.results):
+                        raise TypeError(f"gave {len(values)} results, the plan expects {len(op.results)}")
+                    for r, v in zip(op.results, values):
+                        regs[r] = v
+            except Exception as exc:
+                cause = getattr(exc, "remote_message", None) if isinstance(exc, FedwsError) else None
+                raise PlanError(
+                    f"plan {code.name!r} failed at step {i + 1} of {len(code.ops)} ({op.name}): "
+                    f"{type(exc).__name__}: {cause or exc}",
+                    worker=worker,
+                    op=op.name,
+                    remote_type="PlanError",
+                ) from exc
+    finally:
+        if grad_on != grad_before:
+            torch.set_grad_enabled(grad_before)
+    return [regs[o] for o in code.outputs]
+
+
+class StoredPlan:
+    """A checked plan as a node keeps it in its store, with its state tensors."""
+
+    __slots__ = ("code", "state")
+
+    def __init__(self, code: PlanCode, state: list[torch.Tensor]) -> None:
+        self.code = code
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<Plan {self.code.name} ops:{len(self.code.ops)} state:{len(self.state)}>"
+
+
+def store_plan(node: Node, msg: list[Any]) -> None:
+    """``[STORE_PLAN, seq, plan_id, plan]``: check every op against the allowlist, then keep it.
+
+    A refused plan leaves a failure under its id, so running it later fails with the reason.
+    """
+    _, _, plan_id, wire = msg
+    try:
+        code, state = PlanCode.from_wire(wire, worker=node.id)
+    except Exception as exc:
+        from ..node.store import Failure
+
+        node.store.objects[plan_id] = Failure(error_to_wire(exc, worker=node.id, obj_id=plan_id))
+        raise
+    node.store.set(plan_id, StoredPlan(code, state))
+
+
+def run_plan(node: Node, msg: list[Any]) -> None:
+    """``[RUN_PLAN, seq, plan_id, args, result_ids]``: run a stored plan, store its outputs."""
+    _, _, plan_id, args, result_ids = msg
+    from ..node.store import Failure
+
+    stored = node.store.get(plan_id)
+    if type(stored) is Failure:
+        raise DependencyError(
+            f"plan {plan_id} was refused when it was sent: "
+            f"{stored.error.get('type')}: {stored.error.get('message')}",
+            worker=node.id,
+            obj_id=plan_id,
+            remote_type=stored.error.get("type"),
+            remote_message=stored.error.get("message"),
+        )
+    if not isinstance(stored, StoredPlan):
+        raise TypeError(f"object {plan_id} on worker {node.id!r} is a {type(stored).__name__}, not a plan")
+    code = stored.code
+    if not isinstance(args, list) or not isinstance(result_ids, list):
+        raise TypeError("run_plan: args and result ids must be lists")
+    if len(args) != code.n_args:
+        raise TypeError(f"plan {code.name!r} takes {code.n_args} arguments, got {len(args)}")
+    if len(result_ids) != len(code.outputs):
+        raise TypeError(f"plan {code.name!r} has {len(code.outputs)} outputs, got {len(result_ids)} result ids")
+    inputs = flat_tensors(node.resolve_args(args))
+    fedws_ops = getattr(node, "_fedws_ops", {})
+
+    def resolver(name: str) -> Callable[..., Any] | None:
+        return fedws_ops.get(name) or resolve(name)
+
+    outputs = execute(code, inputs, stored.state, resolver, worker=node.id)
+    for rid, value in zip(result_ids, outputs):
+        node.store.set(rid, value)
