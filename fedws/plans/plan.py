@@ -88,6 +88,7 @@ class Plan(nn.Module):
         Inputs and state are left as they were, even if the function changes them in place.
         """
         fn = self._function if self._function is not None else self.forward
+        extra: tuple[Any, ...] = ()
         if self._user_state is not None:
             state, extra = list(self._user_state.tensors), (self._user_state,)
         else:
@@ -155,7 +156,7 @@ class Plan(nn.Module):
             sent = self._sent.get(location.id)
             if sent is None or sent.location is not location:
                 sent = self.send(location)  # type: ignore[assignment]
-            return sent(*args)
+            return sent(*args)  # type: ignore[misc]
         if self._code is None:
             self.build(*args)
         code = self.check_args(args)
@@ -189,7 +190,7 @@ class Plan(nn.Module):
         cached = self._spec_cache.get(sigs)
         if cached is not None:
             return cached
-        unknown = [(None, d, rg) for _, d, rg in traced]
+        unknown: list[tuple[tuple[int, ...] | None, torch.dtype, bool]] = [(None, d, rg) for _, d, rg in traced]
         specs: list[tuple[tuple[int, ...] | None, torch.dtype, bool]] = unknown
         if all(s is not None for s, _, _ in sigs):
             try:
@@ -263,15 +264,15 @@ def _leaves(obj: Any) -> list[Any]:
 
 
 def _sigs(args: Sequence[Any]) -> InSig:
-    out = []
+    out: list[tuple[tuple[int, ...] | None, torch.dtype, bool]] = []
     for t in flat_tensors(list(args)):
         sig = t.__dict__.get("_sig", False) if hasattr(t, "id_at_location") else False
         if sig is False:
             out.append((tuple(t.shape), t.dtype, bool(t.requires_grad)))
         elif sig is None:
-            out.append((None, t._dtype(), False))
+            out.append((None, t._dtype(), False))  # type: ignore[attr-defined]
         else:
-            out.append((tuple(sig[0]), sig[1], bool(sig[2])))
+            out.append((tuple(sig[0]), sig[1], bool(sig[2])))  # type: ignore[index]
     return tuple(out)
 
 

@@ -64,7 +64,7 @@ class PointerPlan:
         specs = self.plan.output_specs(args)
         ids = _take_ids(len(specs))
         seq, _ = self.location.submit(Kind.RUN_PLAN, self.id_at_location, wire, ids)
-        ptrs = tuple(
+        ptrs: tuple[PointerTensor, ...] = tuple(  # type: ignore[misc]
             make_pointer(self.location, rid, shape=s, dtype=d, requires_grad=rg, owner=self.owner, seq=seq)
             for rid, (s, d, rg) in zip(ids, specs)
         )
@@ -100,7 +100,7 @@ class MultiPointerPlan:
         self.children: dict[str, PointerPlan] = {p.location.id: p for p in pointers}
 
     def __call__(self, *args: Any) -> Any:
-        results = {}
+        results: dict[str, Any] = {}
         for wid, pp in self.children.items():
             results[wid] = pp(*(_for_worker(a, wid) for a in args))
         first = next(iter(results.values()))

@@ -29,11 +29,11 @@ __all__ = ["trace", "TraceResult"]
 _T = torch.Tensor
 # Property writes, named as the ops a node runs for them.
 _SETTERS: dict[Any, str] = {
-    _T.grad.__set__: "fedws.set_grad",
-    _T.data.__set__: "fedws.set_data",
-    _T.requires_grad.__set__: "Tensor.requires_grad_",
+    _T.grad.__set__: "fedws.set_grad",  # type: ignore[union-attr]
+    _T.data.__set__: "fedws.set_data",  # type: ignore[attr-defined]
+    _T.requires_grad.__set__: "Tensor.requires_grad_",  # type: ignore[attr-defined]
 }
-_SHAPE_GETTERS = {_T.shape.__get__}
+_SHAPE_GETTERS = {_T.shape.__get__}  # type: ignore[attr-defined]
 
 
 class TracedInt(int):
