@@ -8,13 +8,14 @@ which our tests and notebooks need; ``fedws.local_worker`` is the latest hook's.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .client.worker import VirtualWorker, Worker
-from .exceptions import PointerError
+from .exceptions import FedwsError, PointerError
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor, make_pointer
 from .protocol.codec import ObjRef
 from .protocol.ids import new_id
@@ -49,6 +50,23 @@ class TorchHook:
         if self.workers is not None and hasattr(self, "local_worker"):
             # The coordinator can follow pointers to any worker of its federation.
             self.local_worker.peers[worker.id] = worker
+
+    def settle(self, exclude: Worker | None = None, timeout: float | None = None) -> None:
+        """Wait until every worker (but ``exclude``) has run the commands sent to it."""
+        from .client.io_thread import in_io_thread, wait
+
+        if in_io_thread():
+            return
+        for worker in list(self.workers.values()):
+            session = worker.session
+            if worker is exclude or not session.pending:
+                continue
+            fut = session.ack_future(session.last_seq)
+            worker._kick()
+            try:
+                wait(fut, timeout, f"commands on worker {worker.id!r}")
+            except FedwsError:
+                pass  # a failed command is reported where its result is used
 
     def __repr__(self) -> str:
         return f"<TorchHook workers={sorted(self.workers)}>"
@@ -132,7 +150,7 @@ def module_send(module: nn.Module, worker: Worker) -> nn.Module:
         if isinstance(param, PointerTensor):
             raise PointerError(f"module is already on worker {param.location.id!r}; get() it first")
     for m in module.modules():
-        for name, param in list(m._parameters.items()):
+        for _name, param in list(m._parameters.items()):
             if param is not None:
                 _param_to_pointer(param, worker)
         for name, buf in list(m._buffers.items()):
@@ -186,6 +204,7 @@ def module_get(module: nn.Module) -> nn.Module:
 
     for kind, m, name, ptr, fut in pending:  # all requests are out: one round trip in all
         value = wait(fut, ptr.location._timeout(None), f"get of {name}")
+        ptr._raise_if_last_op_failed(value)
         ptr._mark_gotten()
         if kind == "p":
             _pointer_to_param(ptr, value)
@@ -203,7 +222,7 @@ def module_move(module: nn.Module, worker: Worker) -> nn.Module:
     """Move a sent module's parameters to ``worker`` node to node; returns the module."""
     for m in module.modules():
         for store in (m._parameters, m._buffers):
-            for name, ptr in store.items():
+            for _name, ptr in store.items():
                 if not isinstance(ptr, PointerTensor):
                     raise PointerError("move() needs a sent module; use send() for a local one")
                 if ptr.location is worker:

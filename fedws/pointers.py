@@ -17,14 +17,15 @@ when needed; a genuine error surfaces on ``get``/``await``, like every remote er
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._C import DisableTorchFunctionSubclass
 
 from .exceptions import LocationError, OpNotAllowedError, PointerError
-from .protocol.codec import DTYPES, ObjRef, PointerRef, _DTYPE_NAMES
+from .protocol.codec import _DTYPE_NAMES, DTYPES, ObjRef, PointerRef
 from .protocol.ids import new_id, planned_result_ids
 from .protocol.messages import Kind
 from .protocol.ops import is_inplace, op_name
@@ -222,13 +223,26 @@ class PointerTensor(torch.Tensor):
         """
         self._check_live()
         value = self.location.request(Kind.GET, self.id_at_location, True, timeout=timeout)
+        self._raise_if_last_op_failed(value)
         self._mark_gotten()
         return value
+
+    def _raise_if_last_op_failed(self, value: Any) -> None:
+        """An in-place op on this object failed: put the value back and raise its error.
+
+        The value is not lost: it is stored again under the same id, and the pointer stays
+        usable.
+        """
+        err = self.location.session.error_of(self._seq) if self._seq else None
+        if err is not None:
+            self.__dict__["_seq"] = self.location.store(value, obj_id=self.id_at_location)
+            raise err
 
     async def get_async(self, *, timeout: float | None = None) -> Any:
         """``await ptr.get_async()``: the async form of :meth:`get`."""
         self._check_live()
         value = await self.location.request_async(Kind.GET, self.id_at_location, True, timeout=timeout)
+        self._raise_if_last_op_failed(value)
         self._mark_gotten()
         return value
 
@@ -443,6 +457,15 @@ _NON_DIFFERENTIABLE = frozenset(
 )
 
 
+def _grad_mode() -> tuple[bool, ...]:
+    """The caller's grad mode, sent only when off (optimizer steps run under no_grad).
+
+    Grad mode is thread-local: the node must be told, or an in-place update of a parameter
+    that requires grad fails there.
+    """
+    return () if torch.is_grad_enabled() else (False,)
+
+
 def _take_ids(n: int) -> list[int]:
     planned = planned_result_ids.get()
     if planned:
@@ -509,7 +532,7 @@ def _remote_call(
     if is_inplace(name) and args and isinstance(args[0], PointerTensor):
         target = args[0]
         spec = _infer(func, args, kwargs, scan) if name.endswith(_SHAPE_CHANGING) else None
-        seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [])
+        seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [], *_grad_mode())
         target.__dict__["_seq"] = seq
         if spec is not None and spec[0] == "T" and target._sig is not None:
             _reshape_shell(target, spec[1])
@@ -521,7 +544,7 @@ def _remote_call(
         spec = _infer(func, args, kwargs, scan)
     n = _count(spec)
     ids = _take_ids(n)
-    seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, ids)
+    seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, ids, *_grad_mode())
     rg = scan.any_grad and torch.is_grad_enabled() and name not in _NON_DIFFERENTIABLE
     return _build(spec, iter(ids), location, target.owner, seq, rg)
 
@@ -586,7 +609,7 @@ def _setter(op: str) -> Callable[..., Any]:
         scan = _Scan()
         wire = [_wire(ptr, scan), _wire(value, scan)]
         scan.check()
-        seq, _ = ptr.location.submit(Kind.CMD, op, wire, {}, [])
+        seq, _ = ptr.location.submit(Kind.CMD, op, wire, {}, [], *_grad_mode())
         ptr.__dict__["_seq"] = seq
         return None
 

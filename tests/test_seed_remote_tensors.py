@@ -347,6 +347,7 @@ def test_pointer_chain_any_transport(make_worker) -> None:
     alice.add_worker(bob)
     p2p2x = th.tensor([1, 2, 3, 4, 5]).send(bob).send(alice)
     y = p2p2x + p2p2x
+    y.wait()  # alice acknowledges once bob, at the end of the chain, has run it too
     assert (stored_count(bob), stored_count(alice)) == (2, 2)
     assert y.get().get().tolist() == [2, 4, 6, 8, 10]
     assert (stored_count(bob), stored_count(alice)) == (1, 1)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,6 @@ from ..exceptions import (
     DependencyError,
     EncodeError,
     FedwsError,
-    ObjectNotFoundError,
     OpNotAllowedError,
     PointerError,
     ProtocolError,
@@ -30,7 +30,7 @@ from ..protocol.codec import ObjRef, PointerRef
 from ..protocol.errors import error_from_wire, error_to_wire
 from ..protocol.ids import planned_result_ids
 from ..protocol.messages import FRAME_ERROR_SEQ, Kind
-from ..protocol.ops import is_inplace, resolve
+from ..protocol.ops import resolve
 from .store import Failure, ObjectStore
 
 __all__ = ["Node"]
@@ -100,8 +100,12 @@ class Node:
             errors.append([FRAME_ERROR_SEQ, error_to_wire(exc, worker=self.id), []])
             blobs = []
         for blob in blobs:
+            arrived: list[PointerRef] = []
             try:
-                msg = codec.decode(blob, self.pointer_factory)
+                # Pointers that arrive stay inert refs while decoding: turning one into a live
+                # pointer can fail (an unknown peer), and that failure belongs to this request
+                # (its seq, its object), not to the frame.
+                msg = codec.decode(blob, _recorder(arrived) if self.pointer_factory else None)
                 kind, seq = msg[0], msg[1]
                 if not isinstance(seq, int) or isinstance(seq, bool):
                     raise TypeError("seq must be an int")
@@ -113,6 +117,8 @@ class Node:
                 continue
             watermark = max(watermark, seq)
             try:
+                if arrived:
+                    msg = self._materialize(msg)
                 out = handler(msg)
             except Exception as exc:  # any failure becomes an error reply, never a crash
                 errors.append([seq, *self._describe_failure(exc, kind, msg)])
@@ -152,6 +158,10 @@ class Node:
             result_ids = [i for i in msg[4] if isinstance(i, int)]
         elif kind in (Kind.GET, Kind.STORE) and len(msg) > 2:
             obj_id = msg[2]
+            if kind == Kind.STORE and isinstance(obj_id, int):
+                # A store that failed (store full, a pointer to an unknown peer) leaves its error
+                # where the object would be, so commands using it fail with this cause.
+                result_ids = [obj_id]
         if result_ids:
             obj_id = result_ids[0]
         if not isinstance(exc, FedwsError):
@@ -163,6 +173,22 @@ class Node:
         return [wire, result_ids]
 
     # -- arguments ----------------------------------------------------------------------
+
+    def _materialize(self, obj: Any) -> Any:
+        """Replace every PointerRef in a decoded request by a live pointer of this node."""
+        t = type(obj)
+        if t is PointerRef:
+            assert self.pointer_factory is not None
+            return self.pointer_factory(obj)
+        if t is list:
+            return [self._materialize(x) for x in obj]
+        if t is tuple:
+            return tuple(self._materialize(x) for x in obj)
+        if t is dict:
+            return {k: self._materialize(v) for k, v in obj.items()}
+        if t is set:
+            return {self._materialize(x) for x in obj}
+        return obj
 
     def resolve_args(self, obj: Any) -> Any:
         """Replace every ObjRef in ``obj`` by the stored object it names."""
@@ -190,7 +216,8 @@ class Node:
     # -- requests -----------------------------------------------------------------------
 
     def _cmd(self, msg: list[Any]) -> Any:
-        _, _, op, args, kwargs, result_ids = msg
+        _, _, op, args, kwargs, result_ids, *rest = msg
+        grad_enabled = bool(rest[0]) if rest else True  # the caller's (thread-local) grad mode
         fn = self._fedws_ops.get(op) or resolve(op)
         if fn is None:
             raise OpNotAllowedError(
@@ -198,7 +225,8 @@ class Node:
             )
         args = self.resolve_args(args)
         kwargs = self.resolve_args(kwargs) if kwargs else {}
-        result = self.call(fn, args, kwargs, result_ids)
+        with torch.set_grad_enabled(grad_enabled):
+            result = self.call(fn, args, kwargs, result_ids)
         self.store_results(op, result, result_ids)
         return _NO_VALUE
 
@@ -316,6 +344,14 @@ class Node:
             )
         value = get()
         self.store.set(obj_id, value)
+
+
+def _recorder(seen: list[PointerRef]) -> Callable[[PointerRef], PointerRef]:
+    def record(ref: PointerRef) -> PointerRef:
+        seen.append(ref)
+        return ref
+
+    return record
 
 
 def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:

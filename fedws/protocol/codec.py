@@ -16,8 +16,9 @@ classes, and the only names resolved are dtypes and a fixed set of torch constan
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import msgpack
 import torch

@@ -22,7 +22,7 @@ __all__ = ["Kind", "FRAME_ERROR_SEQ"]
 class Kind(IntEnum):
     """What a request asks a node to do. Fields follow ``[kind, seq]``."""
 
-    CMD = 1  # op, args, kwargs, result_ids — run an allowlisted op, store its results
+    CMD = 1  # op, args, kwargs, result_ids[, grad_enabled] — run an allowlisted op, store results
     STORE = 2  # id, obj, tags, description — store a value
     GET = 3  # id, remove — return a value (and remove it)
     DELETE = 4  # ids — forget objects; missing ids are ignored

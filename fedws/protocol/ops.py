@@ -11,7 +11,8 @@ and ``_denied``), and a test walks the table to prove it.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
