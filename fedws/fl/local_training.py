@@ -1,7 +1,8 @@
 """One node's share of a round: find its data, train a copy of the model there.
 
-Training uses the course's recipe: send a copy of the global model to the node and drive
-a ``torch.optim.SGD`` over its (remote) parameters. Every step is a non-blocking command,
+Training uses the course's recipe: send a copy of the global model to the node, run the
+forward and backward passes on pointers, and step its (remote) parameters with SGD. Every
+step is a non-blocking command,
 so :func:`start_local_training` returns as soon as the whole local program is queued; the
 coordinator starts every node's program before waiting on any of them.
 
@@ -108,6 +109,25 @@ def _batch_generator(seed: int, round_number: int, node_id: str) -> torch.Genera
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{round_number}:{node_id}".encode()))
 
 
+def _sgd_step(
+    params: list[torch.Tensor], velocity: list[PointerTensor | None], lr: float, momentum: float
+) -> None:
+    """``torch.optim.SGD.step`` written for remote parameters.
+
+    The optimizer updates parameters in place under ``torch.no_grad()``, but grad mode is
+    a coordinator-side, thread-local setting that does not travel with commands: a node
+    in another process would refuse the in-place update of a leaf that requires grad.
+    Updating ``param.data`` is the same arithmetic and valid in any grad mode.
+    """
+    for i, p in enumerate(params):
+        step = p.grad
+        if momentum:
+            buf = velocity[i]
+            step = step if buf is None else buf * momentum + step
+            velocity[i] = step
+        p.data.add_(step, alpha=-lr)
+
+
 def start_local_training(
     global_model: nn.Module,
     data: NodeData,
@@ -132,7 +152,8 @@ def start_local_training(
     start = remote.mark(worker)
     model = copy.deepcopy(global_model)
     model.send(worker)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    velocity: list[PointerTensor | None] = [None] * len(params)
     gen = _batch_generator(config.seed, round_number, worker.id)
     loss_sum: PointerTensor | None = None
     for _epoch in range(config.local_epochs):
@@ -140,10 +161,11 @@ def start_local_training(
         xs, ys = data.x[order], data.y[order]
         for lo in range(0, n, config.batch_size):
             hi = min(n, lo + config.batch_size)
-            opt.zero_grad()
+            for p in params:
+                p.grad = None
             loss = loss_fn(model(xs[lo:hi]), ys[lo:hi])
             loss.backward()
-            opt.step()
+            _sgd_step(params, velocity, config.lr, config.momentum)
             batch_loss = loss.detach() * (hi - lo)
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
     assert loss_sum is not None, "a node with 0 examples cannot train"
