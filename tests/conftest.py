@@ -1,18 +1,44 @@
 """Shared fixtures. ``make_worker`` is parametrized over transports: every test that uses
-it runs against in-process VirtualWorkers and (once the WebSocket transport lands) against
-real worker nodes in subprocesses on 127.0.0.1."""
+it runs against in-process VirtualWorkers and against real worker nodes (subprocesses on
+127.0.0.1, started once per test session, emptied before each test)."""
 
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 import fedws as sy
+from fedws.launch import NodeProcess, start_node
 
-TRANSPORTS = ["virtual"]
+TRANSPORTS = ["virtual", "websocket"]
+
+
+class NodePool:
+    """Worker-node processes by id, started on first use and stopped at session end."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def url(self, worker_id: str) -> str:
+        node = self.nodes.get(worker_id)
+        if node is None or (node.process is not None and node.process.poll() is not None):
+            node = self.nodes[worker_id] = start_node(id=worker_id, port=0)
+        return node.url
+
+    def stop_all(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        self.nodes.clear()
+
+
+@pytest.fixture(scope="session")
+def node_pool() -> Iterator[NodePool]:
+    pool = NodePool()
+    yield pool
+    pool.stop_all()
 
 
 @pytest.fixture
@@ -26,16 +52,25 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_worker(hook: sy.TorchHook, transport: str) -> Callable[..., sy.Worker]:
-    """``make_worker("bob")`` -> a worker of the current transport, empty, in ``hook``."""
+def make_worker(
+    hook: sy.TorchHook, transport: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., sy.Worker]]:
+    """``make_worker("bob")`` -> an empty worker of the current transport, in ``hook``."""
+    opened: list[sy.WebsocketClientWorker] = []
 
     def make(worker_id: str, **kwargs: object) -> sy.Worker:
         if transport == "virtual":
             return sy.VirtualWorker(hook, id=worker_id, **kwargs)
-        raise NotImplementedError(transport)
+        pool: NodePool = request.getfixturevalue("node_pool")
+        worker = sy.connect(pool.url(worker_id), hook=hook, timeout=30.0)
+        opened.append(worker)
+        worker.clear_objects_remote()
+        return worker
 
     yield make
     gc.collect()
+    for w in opened:
+        w.close()
 
 
 def stored_count(worker: sy.Worker) -> int:

@@ -26,6 +26,10 @@ from ..protocol.messages import FRAME_ERROR_SEQ, Kind
 __all__ = ["Session"]
 
 _MAX_REMEMBERED_ERRORS = 10_000
+# Requests whose answer depends on what the node holds. Deletes queued before one of these
+# are sent before it; other requests may overtake deletes (a dead pointer's id cannot be
+# named by a later command), which lets many deletes share one message.
+_OBSERVING = frozenset({Kind.INFO, Kind.SEARCH, Kind.CLEAR, Kind.PING, Kind.GET})
 # Messages larger than this stay borrowed (not copied) until the transport writes them.
 COPY_LIMIT = 1 << 20
 
@@ -61,6 +65,8 @@ class Session:
         with self._lock:
             if self._lost is not None:
                 raise self._lost
+            if self._deletes and kind in _OBSERVING:  # it must see the deletes queued before it
+                self._queue_deletes()
             seq = next(self._seq)
             chunks = codec.encode([int(kind), seq, *fields])
             size = sum(len(c) for c in chunks)
@@ -88,13 +94,7 @@ class Session:
         """Everything queued, as the chunks of one frame; None if nothing is queued."""
         with self._lock:
             if self._deletes:
-                ids = []
-                while self._deletes:
-                    ids.append(self._deletes.popleft())
-                seq = next(self._seq)
-                self._last_seq = seq
-                self._outbox.append(codec.encode_bytes([int(Kind.DELETE), seq, ids]))
-                self._outbox_msgs += 1
+                self._queue_deletes()
             if not self._outbox:
                 return None
             frame, self._outbox = self._outbox, []
@@ -102,6 +102,15 @@ class Session:
             self._outbox_msgs = 0
             self.frames_taken += 1
             return frame
+
+    def _queue_deletes(self) -> None:
+        ids = []
+        while self._deletes:
+            ids.append(self._deletes.popleft())
+        seq = next(self._seq)
+        self._last_seq = seq
+        self._outbox.append(codec.encode_bytes([int(Kind.DELETE), seq, ids]))
+        self._outbox_msgs += 1
 
     # -- consuming replies --------------------------------------------------------------
 
@@ -170,6 +179,11 @@ class Session:
     @property
     def acked(self) -> int:
         return self._acked
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the latest request queued."""
+        return self._last_seq
 
     @property
     def pending(self) -> int:

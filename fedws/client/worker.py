@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker", "VirtualWorker", "executing_on"]
 
+# Requests that look at a node's store. Before one is sent, commands pending on the other
+# workers of the federation are waited for, so what the sync API shows follows program
+# order even across nodes (a command to alice may create objects on bob).
+_OBSERVING = frozenset({Kind.INFO, Kind.SEARCH})
+
 # The worker whose node is running the current request, if any: pointers that arrive
 # while it runs belong to that worker, not to the coordinator.
 executing_on: ContextVar[Worker | None] = ContextVar("executing_on", default=None)
@@ -67,6 +72,8 @@ class Worker:
 
     def request(self, kind: Kind, *fields: Any, timeout: float | None = None) -> Any:
         """Send a request that returns a value and block for it."""
+        if kind in _OBSERVING and self.hook is not None:
+            self.hook.settle(exclude=self, timeout=self._timeout(timeout))
         _, fut = self.submit(kind, *fields, want_value=True)
         assert fut is not None
         return wait(fut, self._timeout(timeout), f"{Kind(kind).name.lower()} on worker {self.id!r}")

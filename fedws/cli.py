@@ -1,0 +1,126 @@
+"""The ``fedws`` command: ``fedws worker ...`` starts a node; ``fedws up/down`` a federation.
+
+``python -m fedws`` is the same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+__all__ = ["main"]
+
+
+def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "worker",
+        help="start a worker node",
+        description="Start a worker node that serves tensors over a WebSocket. "
+        "It prints one line with its URL once it listens; SIGINT/SIGTERM stop it cleanly.",
+    )
+    p.add_argument("--config", type=Path, help="node config (TOML); options below override it")
+    p.add_argument("--id", help="the node's id (required without --config)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8777; 0 picks a free one)")
+    p.add_argument("--token", help="shared token clients must present (default: $FEDWS_TOKEN)")
+    p.add_argument("--certfile", help="TLS certificate: serve wss:// instead of ws://")
+    p.add_argument("--keyfile", help="TLS private key for --certfile")
+    p.add_argument("--max-frame-mb", type=float, help="largest frame accepted, MiB (default 1024)")
+    p.add_argument("--max-store-mb", type=float, help="cap on tensor bytes the node holds, MiB")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+
+
+def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="start the nodes of several configs in the background")
+    p.add_argument("configs", nargs="+", type=Path, help="node configs (TOML)")
+    p.add_argument("--run-dir", type=Path, default=Path("workers/run"), help="where PID and log files go")
+    d = sub.add_parser("down", help="stop the nodes 'fedws up' started (by their recorded PIDs)")
+    d.add_argument("--run-dir", type=Path, default=Path("workers/run"), help="where 'up' wrote PID files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedws",
+        description="fedws: remote tensors, pointers and plans for federated learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedws {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _worker_parser(sub)
+    _up_parser(sub)
+    return parser
+
+
+def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .transport.config import NodeConfig, load_config
+
+    if args.config is not None:
+        cfg = load_config(args.config)
+    elif args.id:
+        cfg = NodeConfig(id=args.id)
+    else:
+        raise SystemExit("fedws worker: give --id or --config")
+    for name in ("id", "host", "port", "certfile", "keyfile", "max_frame_mb", "max_store_mb"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.token = args.token or os.environ.get("FEDWS_TOKEN") or cfg.token
+    if bool(cfg.certfile) != bool(cfg.keyfile):
+        raise SystemExit("fedws worker: --certfile and --keyfile go together")
+    return cfg
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .transport.server import NodeServer
+
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = _node_config(args)
+    try:
+        server = NodeServer(cfg)
+    except ValueError as exc:
+        print(f"fedws worker: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        try:
+            url = await server.start()
+        except OSError as exc:
+            raise SystemExit(f"fedws worker: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+        print(f"fedws worker {cfg.id} listening on {url}", flush=True)
+        await server.serve_until_stopped()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        return run_worker(args)
+    from . import launch
+
+    if args.command == "up":
+        nodes = launch.up(args.configs, args.run_dir)
+        for n in nodes:
+            print(f"{n.id}\t{n.url}\tpid {n.pid}")
+        return 0
+    if args.command == "down":
+        stopped = launch.down(args.run_dir)
+        print(f"stopped {stopped} node(s)")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
