@@ -34,7 +34,9 @@ from .exceptions import (
     WrongThreadError,
 )
 from .hook import TorchHook
+from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
+from .transport.client import WebsocketClientWorker, connect, connect_async
 
 __version__ = "0.1.0"
 
@@ -42,9 +44,17 @@ __all__ = [
     "TorchHook",
     "VirtualWorker",
     "Worker",
+    "WebsocketClientWorker",
+    "connect",
+    "connect_async",
     "PointerTensor",
     "PointerParameter",
     "MultiPointerTensor",
+    "func2plan",
+    "Plan",
+    "PointerPlan",
+    "MultiPointerPlan",
+    "State",
     "local_worker",
     "FedwsError",
     "ProtocolError",
