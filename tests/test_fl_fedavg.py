@@ -284,3 +284,20 @@ def _spy_on_coordinator(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]
 
     monkeypatch.setattr(Session, "receive", spy)
     return received
+
+
+# -- every transport ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["coordinator", "trusted"])
+def test_fedavg_on_every_transport(make_worker: Any, trusted: bool) -> None:
+    workers, keep = [], []
+    for i, name in enumerate(["alice", "bob"]):
+        w = make_worker(name)
+        keep += [t.send(w) for t in shard(*blobs(100, seed=i))]  # the owning pointers keep the data there
+        workers.append(w)
+    aggregator = make_worker("secure_worker") if trusted else None
+    model = make_model()
+    history = FedAvg(model, workers, FedAvgConfig(**FAST), test_data=TEST, aggregator=aggregator, progress=False).fit()
+    assert [r.nodes for r in history] == [["alice", "bob"]] * 3
+    assert history[-1].test_accuracy > 0.9
