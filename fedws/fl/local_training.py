@@ -114,10 +114,10 @@ def _sgd_step(
 ) -> None:
     """``torch.optim.SGD.step`` written for remote parameters.
 
-    The optimizer updates parameters in place under ``torch.no_grad()``, but grad mode is
-    a coordinator-side, thread-local setting that does not travel with commands: a node
-    in another process would refuse the in-place update of a leaf that requires grad.
-    Updating ``param.data`` is the same arithmetic and valid in any grad mode.
+    The optimizer updates parameters in place under ``torch.no_grad()``; a node in
+    another process refuses that in-place update of a leaf unless the command carries the
+    coordinator's grad mode (it did not when this was written). Updating ``param.data``
+    is the same arithmetic and valid in any grad mode, on any node version.
     """
     for i, p in enumerate(params):
         step = p.grad
