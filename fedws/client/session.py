@@ -53,6 +53,7 @@ class Session:
         self._lost: FedwsError | None = None
         self.frames_taken = 0
         self.messages_sent = 0
+        self.bytes_received = 0
 
     # -- producing requests -------------------------------------------------------------
 
@@ -116,6 +117,7 @@ class Session:
 
     def receive(self, reply: bytes | bytearray | memoryview, pointer_factory: Callable[[Any], Any] | None) -> None:
         """Apply one reply frame from the node."""
+        self.bytes_received += len(reply)
         try:
             watermark, values, errors = codec.decode(reply, pointer_factory)
         except (ValueError, TypeError) as exc:

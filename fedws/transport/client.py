@@ -199,9 +199,10 @@ class WebsocketClientWorker(Worker):
         except Exception as exc:  # a reply we cannot read: the link is unusable
             reason = f"unreadable reply: {exc}"
         finally:
-            rcvd = ws.close_rcvd
-            if rcvd is not None:
-                reason = f"code {rcvd.code}" + (f": {rcvd.reason}" if rcvd.reason else "")
+            code = getattr(ws, "close_code", None)
+            if code is not None:
+                why = getattr(ws, "close_reason", "")
+                reason = f"code {code}" + (f": {why}" if why else "")
             if self._ws is ws:
                 self._ws = None
             if not self._closing:
