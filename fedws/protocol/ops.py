@@ -17,7 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPS", "op_name", "resolve", "is_inplace", "FEDWS_OPS", "DENIED", "DENIED_PREFIXES"]
+__all__ = [
+    "OPS", "op_name", "resolve", "is_inplace", "FEDWS_OPS", "DENIED", "DENIED_PREFIXES", "DENIED_MODULES",
+]
 
 # Never allowed, whatever namespace they are found in.
 DENIED: frozenset[str] = frozenset(
@@ -43,6 +45,16 @@ DENIED: frozenset[str] = frozenset(
         "__hash__", "__bool__", "__iter__", "__len__", "__contains__", "__reversed__",
         "__index__", "__int__", "__float__", "__complex__", "__long__", "__nonzero__",
         "tolist", "item",
+        # uninitialized memory: it may hold another coordinator's data, so it never leaves
+        "empty", "empty_like", "empty_strided", "empty_permuted", "new_empty",
+        "new_empty_strided", "new", "resize", "resize_", "resize_as_", "sparse_resize_",
+        "sparse_resize_and_clear_", "resize_as", "resize_as_sparse_",
+        # addresses, classes and process state, read or written
+        "const_data_ptr", "mutable_data_ptr", "as_subclass", "module_load", "storage_type",
+        "reinforce", "classproperty", "prepare_multiprocessing_environment",
+        "thread_safe_generator", "compiled_with_cxx11_abi", "autocast_increment_nesting",
+        "autocast_decrement_nesting", "clear_autocast_cache", "is_vulkan_available",
+        "boolean_dispatch", "handle_torch_function", "assert_int_or_pair",
     }
 )
 DENIED_PREFIXES: tuple[str, ...] = (
@@ -51,7 +63,15 @@ DENIED_PREFIXES: tuple[str, ...] = (
     "ops", "classes", "compiler", "package", "testing", "jit", "fx", "sym_", "is_warn",
     "lobpcg", "default_generator", "random", "overrides", "nested", "quantiz", "fork",
     "wait", "import_ir", "unify", "merge_type", "parse_", "vitals", "has_", "init_num",
-    "empty_quantized",
+    "empty_quantized", "is_autocast", "is_anomaly", "is_deterministic", "autocast",
+)
+# Callables defined in these modules are helpers of torch's machinery, not math, whatever
+# name they are re-exported under.
+DENIED_MODULES: tuple[str, ...] = (
+    "torch._utils", "torch._jit_internal", "torch.overrides", "torch.random",
+    "torch.serialization", "torch.hub", "torch.storage", "torch.multiprocessing", "torch.jit",
+    "torch.cuda", "torch.distributed", "torch._dynamo", "torch.compiler", "torch.backends",
+    "torch.utils", "torch.autograd", "torch.package", "torch.onnx", "torch.export",
 )
 # Dunder methods of Tensor that are plain math or indexing.
 _DUNDERS = frozenset(
@@ -77,6 +97,13 @@ def _denied(name: str) -> bool:
     if name.startswith("__"):
         return name not in _DUNDERS
     return name.startswith(DENIED_PREFIXES)
+
+
+def _lookup(by_func: dict[Any, str], fn: Any) -> str | None:
+    try:
+        return by_func.get(fn)
+    except TypeError:
+        return None
 
 
 def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
@@ -109,9 +136,18 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
             mod = getattr(fn, "__module__", "") or ""
             if mod and not (mod.startswith("torch") or mod == "builtins"):
                 continue  # re-exported helpers from typing, math, ...
-            if fn in by_func:
+            if mod.startswith(DENIED_MODULES):
                 continue
-            add(f"{prefix}.{attr}", fn)
+            name = f"{prefix}.{attr}"
+            known = _lookup(by_func, fn)
+            if known is not None:
+                # Builtins that share a C function compare equal (torch.dsmm == torch.mm):
+                # each name resolves, and the shortest is the one pointers send.
+                by_name[name] = fn
+                if attr == getattr(fn, "__name__", None) and len(attr) < len(known.rpartition(".")[2]):
+                    by_func[fn] = name
+                continue
+            add(name, fn)
 
     for attr in sorted(set(dir(torch.Tensor))):
         if _denied(attr) or attr in _TENSOR_PROPERTIES:
