@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 TORCH_PIN = torch==2.13.0
 STAMP = .make-installed
 
-.PHONY: install test lint types demo bench workers workers-stop coverage clean
+.PHONY: install test lint types demo tutorial bench workers workers-stop coverage clean
 
 # The pinned CPU torch goes first: a bare `torch` requirement would pull CUDA wheels.
 $(STAMP): pyproject.toml
@@ -27,8 +27,20 @@ coverage: $(STAMP)
 	$(PYTHON) -m pip install -q coverage
 	$(PYTHON) -m coverage run -m pytest -q && $(PYTHON) -m coverage report
 
+# The main job: a federation of worker nodes trained with FedAvg (starts and stops its nodes).
 demo: $(STAMP)
+	$(PYTHON) examples/federated_demo.py
+
+tutorial: $(STAMP)
 	$(PYTHON) examples/remote_tensors.py
+
+# Start the federation in workers/ in the background; PIDs go to workers/run/.
+workers: $(STAMP)
+	$(PYTHON) examples/prepare_data.py
+	$(PYTHON) -m fedws up workers/alice.toml workers/bob.toml workers/charlie.toml --run-dir workers/run
+
+workers-stop:
+	$(PYTHON) -m fedws down --run-dir workers/run
 
 bench: $(STAMP)
 	$(PYTHON) bench/run_all.py

@@ -33,6 +33,12 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--keyfile", help="TLS private key for --certfile")
     p.add_argument("--max-frame-mb", type=float, help="largest frame accepted, MiB (default 1024)")
     p.add_argument("--max-store-mb", type=float, help="cap on tensor bytes the node holds, MiB")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for this node (default: torch's choice; use 1 when several "
+        "nodes share a small machine)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -65,7 +71,7 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cfg = NodeConfig(id=args.id)
     else:
         raise SystemExit("fedws worker: give --id or --config")
-    for name in ("id", "host", "port", "certfile", "keyfile", "max_frame_mb", "max_store_mb"):
+    for name in ("id", "host", "port", "certfile", "keyfile", "max_frame_mb", "max_store_mb", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -81,6 +87,10 @@ def run_worker(args: argparse.Namespace) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = _node_config(args)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     try:
         server = NodeServer(cfg)
     except ValueError as exc:

@@ -48,6 +48,7 @@ class NodeConfig:
     keyfile: str | None = None
     max_frame_mb: float = 1024.0
     max_store_mb: float | None = None
+    threads: int | None = None
     data: list[DataEntry] = field(default_factory=list)
 
     @property
@@ -56,7 +57,10 @@ class NodeConfig:
         return f"{scheme}://{self.host}:{self.port}"
 
 
-_KEYS = {"id", "host", "port", "token", "certfile", "keyfile", "max_frame_mb", "max_store_mb", "data"}
+_KEYS = {
+    "id", "host", "port", "token", "certfile", "keyfile", "max_frame_mb", "max_store_mb",
+    "threads", "data",
+}
 
 
 def load_config(path: str | Path) -> NodeConfig:
