@@ -196,13 +196,17 @@ class Node:
         if t is ObjRef:
             value = self.store.get(obj.id)
             if type(value) is Failure:
-                raise DependencyError(
+                # The message carries the cause (type and text), so the caller reads why.
+                text = (
                     f"object {obj.id} is the result of a command that failed: "
-                    f"{value.error.get('type')}: {value.error.get('message')}",
+                    f"{value.error.get('type')}: {value.error.get('message')}"
+                )
+                raise DependencyError(
+                    text,
                     worker=self.id,
                     obj_id=obj.id,
                     remote_type=value.error.get("type"),
-                    remote_message=value.error.get("message"),
+                    remote_message=text,
                 )
             return value
         if t is list:
