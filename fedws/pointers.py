@@ -289,7 +289,7 @@ class PointerTensor(torch.Tensor):
     def __deepcopy__(self, memo: dict[int, Any]) -> PointerTensor:
         copy = _remote_call(torch.Tensor.clone, (self,), {})
         if isinstance(self, PointerParameter):
-            copy.__class__ = PointerParameter
+            copy = _parameter_shell(copy, self.__dict__.get("_local_class", torch.nn.Parameter))
         memo[id(self)] = copy
         return copy
 
@@ -311,6 +311,25 @@ class PointerParameter(PointerTensor, torch.nn.Parameter):
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
         return PointerTensor.__repr__(self)
+
+
+def _parameter_shell(ptr: PointerTensor, local_class: type) -> PointerTensor:
+    """``ptr`` as a PointerParameter on a CPU zero-stride shell, like ``Module.send`` makes.
+
+    A meta-device pointer cannot become a local Parameter on ``get`` (torch refuses to set
+    CPU data into a meta tensor), so parameters of a copied module get the same shell as
+    parameters of a sent one.
+    """
+    sig = ptr._sig
+    if sig is None:
+        ptr.__class__ = PointerParameter
+        return ptr
+    shape, dtype, rg = sig
+    shell = torch.nn.Parameter(torch.empty_strided(shape, [0] * len(shape), dtype=dtype), requires_grad=rg)
+    shell.__class__ = PointerParameter
+    shell.__dict__.update(ptr.__dict__)  # location, ids and the same _Ownership object
+    shell.__dict__["_local_class"] = local_class
+    return shell  # type: ignore[return-value]
 
 
 # -- results and commands -------------------------------------------------------------------
