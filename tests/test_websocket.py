@@ -3,7 +3,6 @@ get clear answers to, the async API, concurrency between coordinators, and node-
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -157,7 +156,6 @@ def test_long_work_does_not_block_other_coordinators(hook: sy.TorchHook, node: N
     y = x
     for _ in range(60):
         y = y.mm(x) / 1000
-    busy.ping(timeout=0.0) if False else None
     fut = y.future()
     other.ping(timeout=30)  # answered while the busy connection's thread computes
     assert not fut.done(), "the long computation finished before the other ping: make it longer"
@@ -237,3 +235,30 @@ def test_node_to_node_move_does_not_pass_through_coordinator(make_worker, transp
 
 def _bytes_received(worker: sy.Worker) -> int:
     return worker.session.bytes_received
+
+
+def test_tls_node_serves_wss(tmp_path, hook: sy.TorchHook) -> None:
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    import subprocess
+
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    n = start_node(id="tls", port=0, extra_args=["--certfile", str(cert), "--keyfile", str(key)])
+    try:
+        assert n.url.startswith("wss://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with sy.connect(n.url, hook=hook, ssl=ctx) as w:
+            assert (torch.arange(3).send(w) * 2).get().tolist() == [0, 2, 4]
+        with pytest.raises(sy.FedwsConnectionError):  # an untrusted certificate is refused
+            sy.connect(n.url, hook=hook, connect_timeout=5)
+    finally:
+        n.stop()

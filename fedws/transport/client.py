@@ -112,6 +112,7 @@ class WebsocketClientWorker(Worker):
 
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        tls = {"ssl": self._ssl} if self._ssl is not None else {}  # wss:// defaults to system CAs
         try:
             ws = await asyncio.wait_for(
                 ws_connect(
@@ -119,7 +120,7 @@ class WebsocketClientWorker(Worker):
                     additional_headers=headers,
                     compression=None,
                     max_size=self._max_size,
-                    ssl=self._ssl,
+                    **tls,
                     ping_interval=self._ping_interval,
                     ping_timeout=self._ping_interval,
                     open_timeout=None,
