@@ -340,7 +340,7 @@ class Node:
 
     def _remote_get(self, obj_id: int) -> None:
         """Replace the pointer stored under ``obj_id`` by the data it points to."""
-        ptr = self.store.get(obj_id)
+        ptr = self.resolve_args(ObjRef(obj_id))  # a stored Failure raises, chained
         get = getattr(ptr, "get", None)
         if get is None or not hasattr(ptr, "id_at_location"):
             raise PointerError(
