@@ -251,7 +251,7 @@ def test_every_truncation_is_a_decode_error() -> None:
 def _blob_with_tensor_header(header: list, payload: bytes) -> bytes:
     env = msgpack.packb(msgpack.ExtType(codec.EXT_TENSOR, msgpack.packb(header, use_bin_type=True)),
                         use_bin_type=True)
-    return codec._HEAD.pack(len(env), len(payload)) + env + payload
+    return codec._HEAD.pack(len(env), 0, len(payload)) + env + payload
 
 
 @pytest.mark.parametrize(
@@ -308,12 +308,12 @@ def test_grad_of_wrong_shape_is_refused() -> None:
 def test_bad_ext_values_are_decode_errors(ext: int, data: bytes) -> None:
     env = msgpack.packb(msgpack.ExtType(ext, data))
     with pytest.raises(fedws.DecodeError):
-        decode(codec._HEAD.pack(len(env), 0) + env)
+        decode(codec._HEAD.pack(len(env), 0, 0) + env)
 
 
 def test_decode_never_evaluates_names() -> None:
     env = msgpack.packb(["__import__('os').system('true')", {"__reduce__": "os.system"}])
-    out = decode(codec._HEAD.pack(len(env), 0) + env)
+    out = decode(codec._HEAD.pack(len(env), 0, 0) + env)
     assert out == ["__import__('os').system('true')", {"__reduce__": "os.system"}]
 
 

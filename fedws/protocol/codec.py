@@ -2,12 +2,16 @@
 
 A *blob* is one encoded value::
 
-    u32 env_len | u64 buf_len | env (msgpack) | raw tensor buffers (buf_len bytes)
+    u32 env_len | u32 pad | u64 buf_len | env (msgpack) | pad zeros | tensor buffers
 
 The msgpack envelope holds everything except tensor bytes; a tensor is an ext value whose
 small header (dtype, shape, requires_grad, offset, nbytes, grad) points into the raw region.
-Encoding hands the tensor's memory to the transport as a memoryview (no copy); decoding
-copies each tensor once into memory torch owns. A *frame* is a sequence of blobs.
+The padding puts the raw region, and each tensor in it, on a 64-byte boundary of the blob.
+Encoding hands the tensor's memory to the transport as a memoryview (no copy). Decoding a
+blob held in writable memory (the transports assemble frames into a bytearray) gives large
+tensors as views of that memory, aligned for their dtype: no copy on receipt either; small
+tensors, read-only input and misaligned data are copied once. A *frame* is a sequence of
+blobs.
 
 Nothing decoded is ever executed: refs, pointers and constants decode to inert data
 classes, and the only names resolved are dtypes and a fixed set of torch constants.
@@ -35,7 +39,11 @@ __all__ = [
     "DTYPES",
 ]
 
-_HEAD = struct.Struct("<IQ")
+_HEAD = struct.Struct("<IIQ")
+_ALIGN = 64
+# Tensors at least this large are decoded as views of the received buffer (no copy).
+VIEW_MIN_BYTES = 1 << 16
+_ZEROS = bytes(_ALIGN)
 HEAD_SIZE = _HEAD.size
 
 EXT_TENSOR = 1
@@ -169,6 +177,10 @@ class _Encoder:
             data = data.cpu()
         data = data.resolve_conj().resolve_neg().contiguous()
         nbytes = data.numel() * data.element_size()
+        gap = (-self.offset) % _ALIGN
+        if gap and nbytes:
+            self.buffers.append(memoryview(_ZEROS[:gap]))
+            self.offset += gap
         offset = self.offset
         if nbytes:
             raw = data.reshape(-1).view(torch.uint8).numpy()  # numpy only to borrow the buffer
@@ -193,7 +205,10 @@ def encode(obj: Any) -> list[bytes | memoryview]:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot encode value: {exc}") from exc
-    return [_HEAD.pack(len(env), enc.offset), env, *enc.buffers]
+    if not enc.buffers:
+        return [_HEAD.pack(len(env), 0, 0), env]
+    pad = (-(HEAD_SIZE + len(env))) % _ALIGN
+    return [_HEAD.pack(len(env), pad, enc.offset), env, _ZEROS[:pad], *enc.buffers]
 
 
 def encode_bytes(obj: Any) -> bytes:
@@ -210,8 +225,8 @@ def iter_blobs(frame: bytes | bytearray | memoryview) -> Iterator[memoryview]:
     while pos < end:
         if end - pos < HEAD_SIZE:
             raise DecodeError(f"truncated blob header at byte {pos}")
-        env_len, buf_len = _HEAD.unpack_from(mv, pos)
-        size = HEAD_SIZE + env_len + buf_len
+        env_len, pad, buf_len = _HEAD.unpack_from(mv, pos)
+        size = HEAD_SIZE + env_len + pad + buf_len
         if pos + size > end:
             raise DecodeError(
                 f"blob at byte {pos} claims {size} bytes but only {end - pos} remain"
@@ -232,10 +247,11 @@ def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory
     mv = memoryview(blob).cast("B")
     if len(mv) < HEAD_SIZE:
         raise DecodeError("blob shorter than its header")
-    env_len, buf_len = _HEAD.unpack_from(mv, 0)
-    base = HEAD_SIZE + env_len
+    env_len, pad, buf_len = _HEAD.unpack_from(mv, 0)
+    base = HEAD_SIZE + env_len + pad
     if base + buf_len != len(mv):
         raise DecodeError(f"blob length {len(mv)} does not match its header ({base + buf_len})")
+    env_end = HEAD_SIZE + env_len
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == EXT_TENSOR:
@@ -276,7 +292,7 @@ def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory
         return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
 
     try:
-        return unpack(mv[HEAD_SIZE:base])
+        return unpack(mv[HEAD_SIZE:env_end])
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -306,8 +322,14 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
         t = torch.empty(shape, dtype=dtype)
     else:
         start = base + offset
-        raw = bytearray(mv[start : start + nbytes])  # one copy, into memory torch may write
-        t = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+        raw = mv[start : start + nbytes]
+        t = None
+        if nbytes >= VIEW_MIN_BYTES and not mv.readonly:
+            view = torch.frombuffer(raw, dtype=torch.uint8)  # shares the frame's memory
+            if view.data_ptr() % itemsize == 0:
+                t = view.view(dtype).reshape(shape)
+        if t is None:  # one copy, into memory torch owns and may write
+            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
     if requires_grad:
         if not (t.is_floating_point() or t.is_complex()):
             raise DecodeError(f"a {dtype_name} tensor cannot require grad")

@@ -30,7 +30,7 @@ from ..exceptions import (
     WrongThreadError,
 )
 from ..protocol.messages import Kind
-from .frames import fragments
+from .frames import fragments, receive
 from .server import NODE_ID_HEADER
 
 if TYPE_CHECKING:
@@ -191,7 +191,8 @@ class WebsocketClientWorker(Worker):
     async def _reader(self, ws: ClientConnection) -> None:
         reason = "closed"
         try:
-            async for message in ws:
+            while True:
+                message = await receive(ws)
                 if isinstance(message, str):
                     continue
                 self.session.receive(message, self.pointer_factory)

@@ -1,4 +1,4 @@
-"""Splitting outgoing frames into WebSocket fragments.
+"""Splitting outgoing frames into WebSocket fragments, and assembling incoming ones.
 
 Small frames go out as one ``bytes`` (one write). Large ones go as fragments of about
 1 MiB, borrowed from the tensor's memory: no join of a 64 MiB buffer, and the kernel is fed
@@ -7,7 +7,11 @@ pieces that fit its socket buffers.
 
 from __future__ import annotations
 
-__all__ = ["fragments", "FRAGMENT"]
+from typing import Any
+
+from ..protocol.codec import VIEW_MIN_BYTES
+
+__all__ = ["fragments", "receive", "FRAGMENT"]
 
 FRAGMENT = 1 << 20
 
@@ -40,3 +44,29 @@ def fragments(chunks: list[bytes | memoryview]) -> bytes | list[bytes | memoryvi
     if small:
         out.append(b"".join(small))
     return out
+
+
+async def receive(ws: Any) -> bytes | bytearray | str:
+    """One whole message from ``ws``; raises ``ConnectionClosed`` when the link ends.
+
+    Fragments of a large message are assembled into one writable ``bytearray`` (a single
+    copy), so the codec can hand out its tensors as views instead of copying them again.
+    """
+    parts: list[Any] = []
+    size = 0
+    async for fragment in ws.recv_streaming():
+        parts.append(fragment)
+        size += len(fragment)
+    if not parts:
+        return b""
+    if isinstance(parts[0], str):
+        return "".join(parts)
+    if len(parts) == 1 and size < VIEW_MIN_BYTES:
+        return parts[0]  # small: the codec copies small tensors anyway
+    buf = bytearray(size)
+    pos = 0
+    for part in parts:
+        end = pos + len(part)
+        buf[pos:end] = part
+        pos = end
+    return buf

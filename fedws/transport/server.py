@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 from ..client.worker import VirtualWorker, Worker, executing_on
 from ..protocol.ids import new_id
 from .config import NodeConfig, load_tensor
-from .frames import fragments
+from .frames import fragments, receive
 
 __all__ = ["NodeServer", "NODE_ID_HEADER"]
 
@@ -122,7 +122,8 @@ class NodeServer:
         replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
         writer = asyncio.create_task(self._write_replies(ws, replies))
         try:
-            async for message in ws:
+            while True:
+                message = await receive(ws)
                 if isinstance(message, str):
                     await ws.close(1003, "fedws speaks binary msgpack frames")
                     break
