@@ -30,6 +30,7 @@ from .exceptions import (
     PointerError,
     ProtocolError,
     RemoteError,
+    RoundFailedError,
     StoreFullError,
     WrongThreadError,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "AuthenticationError",
     "FedwsTimeoutError",
     "WrongThreadError",
+    "RoundFailedError",
 ]
 
 

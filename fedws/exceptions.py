@@ -20,7 +20,8 @@ so code written against ``ConnectionError`` or ``TimeoutError`` keeps working::
     │   ├── ConnectionLostError       the link dropped while commands were pending
     │   └── AuthenticationError       the node refused the token
     ├── FedwsTimeoutError             also a builtin TimeoutError
-    └── WrongThreadError              a blocking call made from the IO thread
+    ├── WrongThreadError              a blocking call made from the IO thread
+    └── RoundFailedError              a federated round had too few answers (fedws.fl)
 
 Errors that happen on a node carry ``worker`` (the node id) and ``obj_id`` (the object the
 command was about) so a message always says where and what.
@@ -46,6 +47,7 @@ __all__ = [
     "AuthenticationError",
     "FedwsTimeoutError",
     "WrongThreadError",
+    "RoundFailedError",
 ]
 
 
@@ -146,3 +148,29 @@ class FedwsTimeoutError(FedwsError, TimeoutError):
 
 class WrongThreadError(FedwsError, RuntimeError):
     """A blocking call was made from the fedws IO thread, where it would deadlock."""
+
+
+class RoundFailedError(FedwsError):
+    """A federated round could not complete.
+
+    Attributes:
+        round: the round number (1-based).
+        answered: ids of the nodes whose update arrived.
+        min_nodes: how many were needed.
+        dropped: node id -> why it was left out.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        round: int,
+        answered: list[str] | None = None,
+        min_nodes: int = 1,
+        dropped: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.round = round
+        self.answered = list(answered or [])
+        self.min_nodes = min_nodes
+        self.dropped = dict(dropped or {})

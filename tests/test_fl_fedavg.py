@@ -174,8 +174,10 @@ def test_too_few_answers_fail_the_round_clearly(hook: sy.TorchHook) -> None:
     cfg = FedAvgConfig(rounds=2, min_nodes=3)
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(sy.FedwsError, match=r"round 1: only 2 of 3 selected nodes answered, min_nodes is 3.*empty"):
+    with pytest.raises(sy.RoundFailedError, match=r"round 1: only 2 of 3 selected nodes answered, min_nodes is 3.*empty") as info:
         FedAvg(model, [*workers, empty], cfg, progress=False).fit()
+    assert info.value.round == 1 and info.value.min_nodes == 3
+    assert sorted(info.value.answered) == ["alice", "bob"] and "empty" in info.value.dropped
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
 
 

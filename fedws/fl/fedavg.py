@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..client.worker import Worker
-from ..exceptions import FedwsError, PointerError
+from ..exceptions import PointerError, RoundFailedError
 from ..pointers import PointerTensor
 from . import remote
 from .aggregate import fedavg
@@ -112,7 +112,8 @@ class FedAvg:
                 its round, with its model and history.
 
         Raises:
-            FedwsError: a round had fewer than ``min_nodes`` answers, or the aggregator failed.
+            RoundFailedError: a round had fewer than ``min_nodes`` answers, or the aggregator
+                failed.
         """
         first = 1
         if resume:
@@ -183,9 +184,13 @@ class FedAvg:
                 answered.append(wid)
         if len(answered) < cfg.min_nodes:
             reasons = "; ".join(f"{k}: {v}" for k, v in dropped.items()) or "none selected"
-            raise FedwsError(
+            raise RoundFailedError(
                 f"round {round_number}: only {len(answered)} of {len(selected)} selected nodes answered, "
-                f"min_nodes is {cfg.min_nodes} ({reasons})"
+                f"min_nodes is {cfg.min_nodes} ({reasons})",
+                round=round_number,
+                answered=[str(a) for a in answered],
+                min_nodes=cfg.min_nodes,
+                dropped={str(k): str(v) for k, v in dropped.items()},
             )
         ok_runs = [runs[wid] for wid in answered]
         state = self._aggregate(ok_runs, {wid: results[wid] for wid in answered}, round_number)
@@ -239,8 +244,9 @@ class FedAvg:
         averaged, failed = remote.wait_all({"average": futures}, remote.Deadline(self.config.round_timeout))
         if failed:
             exc = failed["average"]
-            raise FedwsError(
-                f"round {round_number}: aggregator {self.aggregator.id!r} failed: {_why(exc)}"
+            raise RoundFailedError(
+                f"round {round_number}: aggregator {self.aggregator.id!r} failed: {_why(exc)}",
+                round=round_number,
             ) from exc
         return dict(zip(keys, averaged["average"]))
 
