@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 from ..exceptions import FedwsTimeoutError, WrongThreadError
 

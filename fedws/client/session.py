@@ -15,8 +15,9 @@ import heapq
 import itertools
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from ..exceptions import FedwsError, ProtocolError, RemoteError
 from ..protocol import codec

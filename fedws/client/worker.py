@@ -9,9 +9,10 @@ thread. Everything above — pointers, plans, training — talks to this class o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from concurrent.futures import Future
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import PointerError
 from ..protocol.codec import PointerRef

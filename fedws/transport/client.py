@@ -136,7 +136,7 @@ class WebsocketClientWorker(Worker):
                     f"node at {self.address} refused the connection: invalid or missing token"
                 ) from None
             raise FedwsConnectionError(f"node at {self.address} answered HTTP {status}") from exc
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise FedwsConnectionError(
                 f"could not connect to {self.address} within {self.connect_timeout} s"
             ) from None
