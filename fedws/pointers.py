@@ -96,7 +96,7 @@ def make_pointer(
         dtype = DTYPES[dtype]
     rg = bool(requires_grad) and _can_grad(dtype)
     known = shape is not None
-    shp = tuple(shape) if known else ()
+    shp: tuple[int, ...] = tuple(shape) if shape is not None else ()
     ptr = torch.Tensor._make_subclass(cls or PointerTensor, _shell(shp, dtype), rg)
     _attach(ptr, location, id_at_location, owner, id, seq, owns, (shp, dtype, rg) if known else None)
     return ptr  # type: ignore[return-value]
@@ -135,6 +135,7 @@ class PointerTensor(torch.Tensor):
 
     location: Worker
     id_at_location: int
+    id: int
     owner: Worker
     _seq: int
     _sig: Sig | None
@@ -175,7 +176,7 @@ class PointerTensor(torch.Tensor):
 
     # -- display --------------------------------------------------------------------------
 
-    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
         owner = getattr(self.owner, "id", self.owner)
         return f"[{type(self).__name__} | {owner}:{self.id} -> {self.location.id}:{self.id_at_location}]"
 
@@ -309,7 +310,7 @@ class PointerParameter(PointerTensor, torch.nn.Parameter):
     remote — so optimizers built before ``send`` keep working after ``get``.
     """
 
-    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
         return PointerTensor.__repr__(self)
 
 
@@ -581,7 +582,7 @@ def _reshape_shell(ptr: PointerTensor, shape: tuple[int, ...]) -> None:
         return
     with DisableTorchFunctionSubclass():
         if ptr.device.type == "meta":
-            ptr.set_(torch.empty(shape, dtype=sig[1], device="meta"))
+            ptr.set_(torch.empty(shape, dtype=sig[1], device="meta"))  # type: ignore[call-overload]
         else:
             ptr.data = torch.empty_strided(shape, [0] * len(shape), dtype=sig[1])
     ptr.__dict__["_sig"] = (tuple(shape), sig[1], sig[2])
@@ -604,7 +605,7 @@ def _local(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
     if isinstance(ptr, PointerTensor) and ptr._sig is None and func in _SHAPE_QUERIES:
         shape = ptr.shape_remote()
         with DisableTorchFunctionSubclass():
-            ptr.set_(torch.empty(shape, dtype=ptr.dtype, device="meta"))
+            ptr.set_(torch.empty(shape, dtype=ptr.dtype, device="meta"))  # type: ignore[call-overload]
         ptr.__dict__["_sig"] = (tuple(shape), ptr._dtype(), bool(ptr.requires_grad))
     with DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
@@ -662,7 +663,7 @@ def _data_dependent(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[
     )
 
 
-_T = torch.Tensor
+_T: Any = torch.Tensor  # Any: the stubs type properties as values, not descriptors
 _SHAPE_QUERIES = {
     _T.shape.__get__, _T.size, _T.dim, _T.ndim.__get__, _T.numel, _T.nelement,
     _T.__len__, _T.ndimension, _T.stride,
