@@ -176,7 +176,7 @@ class PointerTensor(torch.Tensor):
 
     # -- display --------------------------------------------------------------------------
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         owner = getattr(self.owner, "id", self.owner)
         return f"[{type(self).__name__} | {owner}:{self.id} -> {self.location.id}:{self.id_at_location}]"
 
@@ -309,9 +309,6 @@ class PointerParameter(PointerTensor, torch.nn.Parameter):
     The Parameter object stays the same Python object — only its class changes while it is
     remote — so optimizers built before ``send`` keep working after ``get``.
     """
-
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
-        return PointerTensor.__repr__(self)
 
 
 def _parameter_shell(ptr: PointerTensor, local_class: type) -> PointerTensor:
