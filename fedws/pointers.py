@@ -17,6 +17,7 @@ when needed; a genuine error surfaces on ``get``/``await``, like every remote er
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -725,25 +726,49 @@ class MultiPointerTensor:
     def _map(self, fn: Callable[..., Any], other: Any = None) -> MultiPointerTensor:
         out = []
         for wid, p in self.children.items():
-            o = other.children[wid] if isinstance(other, MultiPointerTensor) else other
+            if isinstance(other, MultiPointerTensor):
+                if wid not in other.children:
+                    raise LocationError(f"the other MultiPointerTensor has nothing on worker {wid!r}")
+                o = other.children[wid]
+            else:
+                o = other
             out.append(fn(p, o))
         return MultiPointerTensor(out)
 
-    def __add__(self, other: Any) -> MultiPointerTensor:
-        return self._map(lambda a, b: a + b, other)
+    def __getattr__(self, name: str) -> Callable[..., MultiPointerTensor]:
+        """Any tensor method applies to every child: ``mp.sum()``, ``mp.view(-1)``."""
+        if name.startswith("_") or not callable(getattr(torch.Tensor, name, None)):
+            raise AttributeError(f"MultiPointerTensor has no attribute {name!r}")
 
-    def __sub__(self, other: Any) -> MultiPointerTensor:
-        return self._map(lambda a, b: a - b, other)
+        def method(*args: Any, **kwargs: Any) -> MultiPointerTensor:
+            return self._map(lambda p, _: getattr(p, name)(*args, **kwargs))
 
-    def __mul__(self, other: Any) -> MultiPointerTensor:
-        return self._map(lambda a, b: a * b, other)
-
-    def __truediv__(self, other: Any) -> MultiPointerTensor:
-        return self._map(lambda a, b: a / b, other)
-
-    def sum(self, *args: Any, **kwargs: Any) -> MultiPointerTensor:
-        return self._map(lambda a, _: a.sum(*args, **kwargs))
+        return method
 
     def __repr__(self) -> str:
         inner = "\n\t-> ".join(f"{wid}: {p!r}" for wid, p in self.children.items())
         return f"[MultiPointerTensor]\n\t-> {inner}"
+
+
+def _binary(op: Callable[[Any, Any], Any]) -> Callable[[MultiPointerTensor, Any], MultiPointerTensor]:
+    def apply(self: MultiPointerTensor, other: Any) -> MultiPointerTensor:
+        return self._map(op, other)
+
+    return apply
+
+
+def _reflected(op: Callable[[Any, Any], Any]) -> Callable[[MultiPointerTensor, Any], MultiPointerTensor]:
+    def apply(self: MultiPointerTensor, other: Any) -> MultiPointerTensor:
+        return self._map(lambda p, o: op(o, p), other)
+
+    return apply
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+              "and", "or", "xor", "eq", "ne", "lt", "le", "gt", "ge"):
+    _op = getattr(operator, _name if _name not in ("and", "or") else f"{_name}_")
+    setattr(MultiPointerTensor, f"__{_name}__", _binary(_op))
+    if _name not in ("eq", "ne", "lt", "le", "gt", "ge"):
+        setattr(MultiPointerTensor, f"__r{_name}__", _reflected(_op))
+for _name in ("neg", "abs", "pos", "invert"):
+    setattr(MultiPointerTensor, f"__{_name}__", (lambda f: lambda self: self._map(lambda p, _: f(p)))(getattr(operator, _name)))

@@ -157,3 +157,17 @@ def test_optimizer_steps_a_sent_model_remotely(bob) -> None:
     model.get()
     assert torch.allclose(model.weight, local.weight, atol=1e-6)
     assert torch.allclose(model.bias, local.bias, atol=1e-6)
+
+
+def test_multi_pointer_maps_operators_and_methods_over_every_worker(make_worker) -> None:
+    bob, alice = make_worker("bob"), make_worker("alice")
+    x = torch.tensor([1.0, 2.0, 3.0]).send(bob, alice)
+    assert isinstance(x, sy.MultiPointerTensor) and set(x.children) == {"bob", "alice"}
+    for value in ((x + 1) * 2 - x).get():
+        assert value.tolist() == [3.0, 4.0, 5.0]
+    assert [v.tolist() for v in (-x).get()] == [[-1.0, -2.0, -3.0]] * 2
+    assert [v.tolist() for v in (2**x).get()] == [[2.0, 4.0, 8.0]] * 2
+    assert (x @ x).get(sum_results=True).item() == 28.0
+    assert [v.shape for v in x.view(3, 1).get()] == [torch.Size([3, 1])] * 2
+    with pytest.raises(AttributeError):
+        x.not_a_tensor_method  # noqa: B018

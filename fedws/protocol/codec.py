@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _HEAD = struct.Struct("<IIQ")
+_REF = struct.Struct("<q")
 _ALIGN = 64
 # Tensors at least this large are decoded as views of the received buffer (no copy).
 VIEW_MIN_BYTES = 1 << 16
@@ -120,8 +121,8 @@ class _Encoder:
             return msgpack.ExtType(EXT_TENSOR, self.pack(self.tensor_header(obj)))
         if isinstance(obj, tuple):  # includes torch.Size and named tuples
             return msgpack.ExtType(EXT_TUPLE, self.pack(list(obj)))
-        if isinstance(obj, ObjRef):
-            return msgpack.ExtType(EXT_REF, self.pack(obj.id))
+        if type(obj) is ObjRef:  # the commonest ext: 8 raw bytes, no nested msgpack
+            return msgpack.ExtType(EXT_REF, _REF.pack(obj.id))
         if isinstance(obj, PointerRef):
             return msgpack.ExtType(
                 EXT_POINTER,
@@ -184,7 +185,8 @@ class _Encoder:
         offset = self.offset
         if nbytes:
             raw = data.reshape(-1).view(torch.uint8).numpy()  # numpy only to borrow the buffer
-            self.buffers.append(memoryview(raw).cast("B"))
+            # ndarray exports the buffer protocol; numpy's stubs do not declare it as a Buffer
+            self.buffers.append(memoryview(raw).cast("B"))  # type: ignore[arg-type]
             self.offset += nbytes
         return [
             _DTYPE_NAMES[data.dtype],
@@ -259,7 +261,9 @@ def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory
         if code == EXT_TUPLE:
             return tuple(unpack(data))
         if code == EXT_REF:
-            return ObjRef(unpack(data))
+            if len(data) != 8:
+                raise DecodeError("object ref must be 8 bytes")
+            return ObjRef(_REF.unpack(data)[0])
         if code == EXT_POINTER:
             loc, addr, id_at, pid, shape, dtype, rg = unpack(data)
             if dtype not in DTYPES:
@@ -308,6 +312,7 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
         raise DecodeError(f"bad tensor header {header!r:.120}") from exc
     if any(s < 0 for s in shape):
         raise DecodeError(f"negative size in tensor shape {shape}")
+    t: torch.Tensor | None  # None only until one of the branches below builds it
     numel = 1
     for s in shape:
         numel *= s
