@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -150,9 +151,9 @@ def module_send(module: nn.Module, worker: Worker) -> nn.Module:
         if isinstance(param, PointerTensor):
             raise PointerError(f"module is already on worker {param.location.id!r}; get() it first")
     for m in module.modules():
-        for _name, param in list(m._parameters.items()):
-            if param is not None:
-                _param_to_pointer(param, worker)
+        for _name, local in list(m._parameters.items()):
+            if local is not None:
+                _param_to_pointer(local, worker)
         for name, buf in list(m._buffers.items()):
             if buf is not None and not isinstance(buf, PointerTensor):
                 m._buffers[name] = _send_one(buf, worker)
@@ -189,16 +190,18 @@ def _pointer_to_param(param: PointerParameter, value: torch.Tensor) -> None:
 
 def module_get(module: nn.Module) -> nn.Module:
     """Bring every parameter (with its gradient) and buffer back; returns the module."""
-    pending = []
+    pending: list[tuple[str, nn.Module, str, PointerTensor, Future[Any]]] = []
     for m in module.modules():
         for name, param in m._parameters.items():
             if isinstance(param, PointerParameter):
                 param._check_live()
                 _, fut = param.location.submit(Kind.GET, param.id_at_location, True, want_value=True)
+                assert fut is not None  # want_value=True always gives a future
                 pending.append(("p", m, name, param, fut))
         for name, buf in m._buffers.items():
             if isinstance(buf, PointerTensor):
                 _, fut = buf.location.submit(Kind.GET, buf.id_at_location, True, want_value=True)
+                assert fut is not None
                 pending.append(("b", m, name, buf, fut))
     from .client.io_thread import wait
 
@@ -207,6 +210,7 @@ def module_get(module: nn.Module) -> nn.Module:
         ptr._raise_if_last_op_failed(value)
         ptr._mark_gotten()
         if kind == "p":
+            assert isinstance(ptr, PointerParameter)
             _pointer_to_param(ptr, value)
         else:
             m._buffers[name] = value

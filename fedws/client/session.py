@@ -129,8 +129,8 @@ class Session:
                 error = error_from_wire(err)
                 if seq == FRAME_ERROR_SEQ:
                     # The node could not read part of a frame: whatever waits now fails.
-                    for fut in self._requests.values():
-                        settle.append((fut, False, error))
+                    for waiting in self._requests.values():
+                        settle.append((waiting, False, error))
                     self._requests.clear()
                     continue
                 self._errors[seq] = error

@@ -172,8 +172,8 @@ class FedAvg:
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)
         results, failures = remote.wait_all({wid: run.futures for wid, run in runs.items()}, deadline)
-        for wid, exc in failures.items():
-            drop(wid, exc)
+        for wid, failure in failures.items():
+            drop(wid, failure)
         answered: list[str] = []
         for wid in list(results):
             run = runs[wid]
@@ -226,8 +226,8 @@ class FedAvg:
             except Exception as exc:
                 drop(w.id, exc)
         found, failures = remote.wait_all(searches, deadline)
-        for wid, exc in failures.items():
-            drop(wid, exc)
+        for wid, failure in failures.items():
+            drop(wid, failure)
         for wid, (xs, ys) in found.items():
             try:
                 self._data[wid] = data_from_search(by_id[wid], self.config, xs, ys)

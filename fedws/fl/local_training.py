@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ def _batch_generator(seed: int, round_number: int, node_id: str) -> torch.Genera
 
 
 def _sgd_step(
-    params: list[torch.Tensor], velocity: list[PointerTensor | None], lr: float, momentum: float
+    params: Sequence[torch.Tensor], velocity: list[torch.Tensor | None], lr: float, momentum: float
 ) -> None:
     """``torch.optim.SGD.step`` written for remote parameters.
 
@@ -120,7 +120,7 @@ def _sgd_step(
     is the same arithmetic and valid in any grad mode, on any node version.
     """
     for i, p in enumerate(params):
-        step = p.grad
+        step = cast(torch.Tensor, p.grad)  # a pointer's .grad is a pointer, never None
         if momentum:
             buf = velocity[i]
             step = step if buf is None else buf * momentum + step
@@ -151,13 +151,15 @@ def start_local_training(
     worker, n = data.worker, data.num_examples
     start = remote.mark(worker)
     model = copy.deepcopy(global_model)
-    model.send(worker)
+    model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
     params = [p for p in model.parameters() if p.requires_grad]
-    velocity: list[PointerTensor | None] = [None] * len(params)
+    # The velocities and the loss are pointers (torch ops on pointers return pointers),
+    # typed as the torch.Tensor the stubs give for those ops.
+    velocity: list[torch.Tensor | None] = [None] * len(params)
     gen = _batch_generator(config.seed, round_number, worker.id)
-    loss_sum: PointerTensor | None = None
+    loss_sum: torch.Tensor | None = None
     for _epoch in range(config.local_epochs):
-        order = torch.randperm(n, generator=gen).send(worker)
+        order = torch.randperm(n, generator=gen).send(worker)  # type: ignore[attr-defined]  # installed by the hook
         xs, ys = data.x[order], data.y[order]
         for lo in range(0, n, config.batch_size):
             hi = min(n, lo + config.batch_size)
@@ -170,7 +172,7 @@ def start_local_training(
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
     assert loss_sum is not None, "a node with 0 examples cannot train"
     end, done = remote.barrier_nowait(worker)
-    futures = [done, remote.fetch_nowait(loss_sum)]
+    futures = [done, remote.fetch_nowait(cast(PointerTensor, loss_sum))]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():

@@ -12,7 +12,7 @@ import time
 from collections.abc import Hashable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any
+from typing import Any, TypeVar
 
 from ..client.worker import Worker
 from ..exceptions import FedwsTimeoutError, RemoteError
@@ -86,9 +86,12 @@ def first_error(worker: Worker, start_seq: int, end_seq: int) -> RemoteError | N
     return None
 
 
+_K = TypeVar("_K", bound=Hashable)
+
+
 def wait_all(
-    futures: Mapping[Hashable, list[Future[Any]]], deadline: Deadline
-) -> tuple[dict[Hashable, list[Any]], dict[Hashable, BaseException]]:
+    futures: Mapping[_K, list[Future[Any]]], deadline: Deadline
+) -> tuple[dict[_K, list[Any]], dict[_K, BaseException]]:
     """Wait for groups of futures until ``deadline``.
 
     A group succeeds when all its futures do. Returns ``(results, failures)``: results
@@ -97,8 +100,8 @@ def wait_all(
     """
     every = [f for group in futures.values() for f in group]
     wait_futures(every, timeout=deadline.remaining())  # a failed future counts as done
-    results: dict[Hashable, list[Any]] = {}
-    failures: dict[Hashable, BaseException] = {}
+    results: dict[_K, list[Any]] = {}
+    failures: dict[_K, BaseException] = {}
     for key, group in futures.items():
         for f in group:
             if not f.done():

@@ -40,7 +40,7 @@ def start_trusted_average(runs: Sequence[LocalRun], aggregator: Worker) -> tuple
     weights = fedavg_weights([r.data.num_examples for r in runs])
     states = []
     for run in runs:
-        run.model.move(aggregator)
+        run.model.move(aggregator)  # type: ignore[operator]  # Module.move is installed by the hook
         states.append(run.model.state_dict(keep_vars=True))
     keys = list(states[0])
     futures: list[Future[Any]] = []

@@ -58,6 +58,8 @@ class WebsocketClientWorker(Worker):
         >>> x = torch.ones(3).send(alice)
     """
 
+    address: str  # the ws:// or wss:// URL, always set by __init__
+
     def __init__(
         self,
         hook: TorchHook | None = None,
@@ -112,7 +114,7 @@ class WebsocketClientWorker(Worker):
 
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        tls = {"ssl": self._ssl} if self._ssl is not None else {}  # wss:// defaults to system CAs
+        tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {}  # wss:// defaults to system CAs
         try:
             ws = await asyncio.wait_for(
                 ws_connect(

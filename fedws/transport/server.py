@@ -91,7 +91,7 @@ class NodeServer:
         response.headers[NODE_ID_HEADER] = self.config.id
         return response
 
-    def _handle(self, frame: bytes) -> list[bytes | memoryview]:
+    def _handle(self, frame: bytes | bytearray) -> list[bytes | memoryview]:
         token = executing_on.set(self.worker)
         try:
             reply = self.worker.node.handle(frame)
