@@ -120,7 +120,9 @@ def _sgd_step(
     is the same arithmetic and valid in any grad mode, on any node version.
     """
     for i, p in enumerate(params):
-        step = cast(torch.Tensor, p.grad)  # a pointer's .grad is a pointer, never None
+        # A pointer parameter's .grad is always a pointer, but the grad it points to is
+        # None on the node for a parameter the loss does not use (SGD skips those).
+        step = cast(torch.Tensor, p.grad)
         if momentum:
             buf = velocity[i]
             step = step if buf is None else buf * momentum + step
