@@ -303,3 +303,22 @@ def test_fedavg_on_every_transport(make_worker: Any, trusted: bool) -> None:
     history = FedAvg(model, workers, FedAvgConfig(**FAST), test_data=TEST, aggregator=aggregator, progress=False).fit()
     assert [r.nodes for r in history] == [["alice", "bob"]] * 3
     assert history[-1].test_accuracy > 0.9
+
+
+def test_a_parameter_the_loss_does_not_use_is_left_alone(hook: sy.TorchHook) -> None:
+    workers = federation(hook, {"alice": 60, "bob": 60})
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = make_model()
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    model = WithUnused()
+    unused_before = model.unused.weight.detach().clone()
+    history = FedAvg(model, workers, FedAvgConfig(rounds=1), progress=False).fit()
+    assert history.rounds[-1].nodes == ["alice", "bob"] and not history.rounds[-1].dropped
+    assert torch.equal(model.unused.weight.detach(), unused_before)

@@ -120,8 +120,7 @@ def _sgd_step(
     is the same arithmetic and valid in any grad mode, on any node version.
     """
     for i, p in enumerate(params):
-        # A pointer parameter's .grad is always a pointer, but the grad it points to is
-        # None on the node for a parameter the loss does not use (SGD skips those).
+        # Grads exist on the node: the caller gives every parameter a zero grad first.
         step = cast(torch.Tensor, p.grad)
         if momentum:
             buf = velocity[i]
@@ -160,13 +159,17 @@ def start_local_training(
     velocity: list[torch.Tensor | None] = [None] * len(params)
     gen = _batch_generator(config.seed, round_number, worker.id)
     loss_sum: torch.Tensor | None = None
+    # Every parameter gets a zero grad that each step zeroes in place (not None): one the
+    # loss does not use then steps by zero, as torch.optim.SGD skips it, instead of failing.
+    for p in params:
+        p.grad = torch.zeros_like(p)
     for _epoch in range(config.local_epochs):
         order = torch.randperm(n, generator=gen).send(worker)  # type: ignore[attr-defined]  # installed by the hook
         xs, ys = data.x[order], data.y[order]
         for lo in range(0, n, config.batch_size):
             hi = min(n, lo + config.batch_size)
             for p in params:
-                p.grad = None
+                cast(torch.Tensor, p.grad).zero_()
             loss = loss_fn(model(xs[lo:hi]), ys[lo:hi])
             loss.backward()
             _sgd_step(params, velocity, config.lr, config.momentum)
