@@ -1,19 +1,24 @@
 """A 20-op function run as a plan vs issued op by op, each ending with a get.
 
-Prints messages sent and wall time per run for both, and their ratio. Runs standalone on
-VirtualWorkers (``python bench/bench_plans.py``); the workers come from ``make_workers`` so
-other transports can be plugged in without touching the measurement.
+Prints messages sent, frames sent and the median wall time per run for both, and their ratio, on a
+VirtualWorker (in process, no network) and on a real WebSocket node started for the run
+(``fedws.launch.start_node``; stopped by PID at the end, even on error). The op-by-op run is
+the baseline, measured in the same run; nothing is asserted about timings.
+
+Run: ``python bench/bench_plans.py`` (``--quick`` for fewer runs, a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 import fedws as sy
+from fedws.launch import start_node
 from fedws.plans import func2plan
 
 
@@ -27,49 +32,110 @@ def twenty_ops(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def make_workers(hook: sy.TorchHook) -> sy.Worker:
-    return sy.VirtualWorker(hook, id="bench")
+class Measured:
+    """Messages, frames and per-run wall times of one way of running the function."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.messages = 0
+        self.frames = 0
+        self.times: list[float] = []
+
+    def measure(self, worker: sy.Worker, run: Callable[[], torch.Tensor], runs: int) -> None:
+        worker.ping()  # nothing left in flight from before
+        session = worker.session
+        msgs0, frames0 = session.messages_sent, session.frames_taken
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            self.times.append(time.perf_counter() - start)
+        worker.ping()
+        # Not the closing ping (one message in one frame). Deletes of the dropped intermediate
+        # pointers count: they are messages the op-by-op way has to send.
+        self.messages += session.messages_sent - msgs0 - 1
+        self.frames += session.frames_taken - frames0 - 1
+        self.runs += runs
+
+    def row(self, label: str) -> str:
+        ms = statistics.median(self.times) * 1e3
+        return f"  {label:12}{self.messages / self.runs:>14.1f}{self.frames / self.runs:>12.1f}{ms:>16.3f}"
 
 
-def measure(worker: sy.Worker, run: Callable[[], torch.Tensor], runs: int) -> tuple[float, float]:
-    """(messages per run, seconds per run) for ``run``, after a warm-up."""
-    for _ in range(3):
-        run()
-    worker.ping()
-    before = worker.session.messages_sent
-    start = time.perf_counter()
-    for _ in range(runs):
-        run()
-    elapsed = time.perf_counter() - start
-    worker.ping()
-    messages = worker.session.messages_sent - before - 1  # not the closing ping
-    return messages / runs, elapsed / runs
+def bench_worker(
+    worker: sy.Worker, label: str, runs: int, size: int, warmup: int, blocks: int
+) -> dict[str, float]:
+    x = torch.randn(size)
+    x_ptr = x.send(worker)
+    plan = func2plan(args_shape=[(size,)])(twenty_ops)
+    assert len(plan._code.ops) == 20, plan.code
+    pointer_plan = plan.send(worker)
+    expected = twenty_ops(x)
+    assert torch.allclose(pointer_plan(x_ptr).get(), expected)
+    assert torch.allclose(twenty_ops(x_ptr).get(), expected)
+
+    def op_by_op() -> torch.Tensor:
+        return twenty_ops(x_ptr).get()
+
+    def as_plan() -> torch.Tensor:
+        return pointer_plan(x_ptr).get()
+
+    for _ in range(warmup):
+        op_by_op()
+        as_plan()
+    # Alternate blocks of the two, so load from elsewhere on the machine hits both alike;
+    # medians, so a run that waited for a core does not swing the result.
+    ops, plans = Measured(), Measured()
+    per_block = max(1, runs // blocks)
+    for _ in range(blocks):
+        ops.measure(worker, op_by_op, per_block)
+        plans.measure(worker, as_plan, per_block)
+
+    print(f"{label}: {worker!r}, {ops.runs} runs each of a 20-op function on {size} floats, then get")
+    print(f"  {'':12}{'messages/run':>14}{'frames/run':>12}{'median ms/run':>16}")
+    print(ops.row("op by op"))
+    print(plans.row("plan"))
+    msg_ratio = ops.messages / plans.messages
+    time_ratio = statistics.median(ops.times) / statistics.median(plans.times)
+    print(f"  ratio (op by op / plan) on {label}: messages {msg_ratio:.1f}x, time {time_ratio:.1f}x")
+    return {"messages": msg_ratio, "time": time_ratio}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=200)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer runs (CI smoke run)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs per measurement (default 200, 20 with --quick)"
+    )
     parser.add_argument("--size", type=int, default=1000, help="elements in the input tensor")
     args = parser.parse_args(argv)
+    runs = args.runs if args.runs is not None else (20 if args.quick else 200)
+    warmup = 2 if args.quick else 10
+    blocks = 2 if args.quick else 5
 
     hook = sy.TorchHook(torch)
-    worker = make_workers(hook)
-    x = torch.randn(args.size)
-    x_ptr = x.send(worker)
+    summary: dict[str, dict[str, float]] = {}
 
-    plan = func2plan(args_shape=[(args.size,)])(twenty_ops)
-    assert len(plan._code.ops) == 20, plan.code
-    pointer_plan = plan.send(worker)
-    assert torch.allclose(pointer_plan(x_ptr).get(), twenty_ops(x))
+    summary["VirtualWorker"] = bench_worker(
+        sy.VirtualWorker(hook, id="bench"), "VirtualWorker", runs, args.size, warmup, blocks
+    )
 
-    op_msgs, op_time = measure(worker, lambda: twenty_ops(x_ptr).get(), args.runs)
-    plan_msgs, plan_time = measure(worker, lambda: pointer_plan(x_ptr).get(), args.runs)
+    node = start_node(id="bench-plans", port=0, extra_args=["--threads", "1"])
+    try:
+        worker = sy.connect(node.url, hook=hook, timeout=120)
+        try:
+            summary["WebSocket node"] = bench_worker(
+                worker, "WebSocket node", runs, args.size, warmup, blocks
+            )
+        finally:
+            worker.close()
+    finally:
+        node.stop()
 
-    print(f"worker: {worker!r}, {args.runs} runs of a 20-op function on {args.size} floats, then get")
-    print(f"{'':12}{'messages/run':>14}{'ms/run':>10}")
-    print(f"{'op by op':12}{op_msgs:>14.1f}{op_time * 1e3:>10.3f}")
-    print(f"{'plan':12}{plan_msgs:>14.1f}{plan_time * 1e3:>10.3f}")
-    print(f"ratio (op by op / plan): messages {op_msgs / plan_msgs:.1f}x, time {op_time / plan_time:.1f}x")
+    print("summary (op by op / plan, higher means the plan saves more):")
+    for label, r in summary.items():
+        print(f"  {label:<16} messages {r['messages']:5.1f}x   wall time {r['time']:5.1f}x")
 
 
 if __name__ == "__main__":
