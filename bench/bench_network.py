@@ -46,7 +46,7 @@ def main() -> None:
 
     print(f"fedws network benchmarks ({torch.get_num_threads()} torch threads, {mib} MiB transfer)")
     hook = sy.TorchHook(torch)
-    node = start_node(id="bench", port=0)
+    node = start_node(id="bench", port=0, extra_args=["--threads", "1"])
     try:
         w = sy.connect(node.url, hook=hook, timeout=300)
         # 1. round trip
