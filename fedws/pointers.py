@@ -258,6 +258,10 @@ class PointerTensor(torch.Tensor):
             raise PointerError("a pointer can be sent to exactly one worker")
         (worker,) = workers
         self._check_live()
+        if worker is not self.location and self._seq > self.location.session.acked:
+            # `worker` will reach our location over its own link, which can overtake the
+            # commands still queued on ours: let the data exist before anyone follows us.
+            self.wait()
         seq = worker.store(self, obj_id=self.id)
         self._ownership.active = False  # the pointer on `worker` owns the data now
         sig = self._sig

@@ -99,3 +99,19 @@ def test_failed_results_are_freed_too(make_worker) -> None:
         bad = a.mm(a)  # shape error on the node (or unknown-shape locally): a Failure stored
         del bad
     assert stored_count(bob) == 1
+
+
+def test_a_failed_get_does_not_keep_the_failure_alive(make_worker) -> None:
+    """The raised error's traceback holds the pointer; fedws must not keep that error."""
+    bob = make_worker("bob")
+    x = torch.ones(3).send(bob)
+    w = x.mm(x)  # fails on the node: 1-D mm
+    for _ in range(3):
+        try:
+            w.get()
+        except sy.RemoteError:
+            pass
+        else:  # pragma: no cover
+            raise AssertionError("the failed result was returned")
+    del w
+    assert stored_count(bob) == 1  # only x; the Failure left with its pointer

@@ -262,3 +262,13 @@ def test_tls_node_serves_wss(tmp_path, hook: sy.TorchHook) -> None:
             sy.connect(n.url, hook=hook, connect_timeout=5)
     finally:
         n.stop()
+
+
+def test_send_then_move_at_once_never_races(make_worker, transport: str) -> None:
+    """alice fetches from bob over her own link, which could overtake our store to bob."""
+    bob, alice = make_worker("bob"), make_worker("alice")
+    bob.add_worker(alice)
+    alice.add_worker(bob)
+    for i in range(40):
+        moved = torch.tensor([i, i + 1]).send(bob).move(alice)
+        assert moved.get().tolist() == [i, i + 1]

@@ -50,7 +50,9 @@ class Session:
         self._requests: dict[int, Future[Any]] = {}
         self._waiters: list[tuple[int, int, Future[Any]]] = []
         self._tie = itertools.count()
-        self._errors: OrderedDict[int, RemoteError] = OrderedDict()
+        # Wire descriptions, not exception objects: a raised exception carries a traceback
+        # whose frames hold pointers, and remembering it would keep their objects alive.
+        self._errors: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._lost: FedwsError | None = None
         self.frames_taken = 0
         self.messages_sent = 0
@@ -66,7 +68,7 @@ class Session:
         """
         with self._lock:
             if self._lost is not None:
-                raise self._lost
+                raise self._lost_error()
             if self._deletes and kind in _OBSERVING:  # it must see the deletes queued before it
                 self._queue_deletes()
             seq = next(self._seq)
@@ -133,7 +135,7 @@ class Session:
                         settle.append((waiting, False, error))
                     self._requests.clear()
                     continue
-                self._errors[seq] = error
+                self._errors[seq] = err
                 if len(self._errors) > _MAX_REMEMBERED_ERRORS:
                     self._errors.popitem(last=False)
                 fut = self._requests.pop(seq, None)
@@ -147,8 +149,8 @@ class Session:
                 self._acked = watermark
             while self._waiters and self._waiters[0][0] <= self._acked:
                 seq, _, fut = heapq.heappop(self._waiters)
-                err = self._errors.get(seq)
-                settle.append((fut, err is None, err))
+                failed = self.error_of(seq)
+                settle.append((fut, failed is None, failed))
             for seq in [s for s in self._requests if s <= self._acked]:
                 settle.append((self._requests.pop(seq), False, ProtocolError(
                     f"worker {self.worker_id!r} finished request {seq} without answering it")))
@@ -164,20 +166,28 @@ class Session:
         fut: Future[Any] = Future()
         with self._lock:
             if seq <= self._acked:
-                err = self._errors.get(seq)
-                if err is None:
+                failed = self.error_of(seq)
+                if failed is None:
                     fut.set_result(None)
                 else:
-                    fut.set_exception(err)
+                    fut.set_exception(failed)
             elif self._lost is not None:
-                fut.set_exception(self._lost)
+                fut.set_exception(self._lost_error())
             else:
                 heapq.heappush(self._waiters, (seq, next(self._tie), fut))
         return fut
 
     def error_of(self, seq: int) -> RemoteError | None:
-        """The remote error of request ``seq`` if it failed and is still remembered."""
-        return self._errors.get(seq)
+        """The remote error of request ``seq`` if it failed and is still remembered.
+
+        A fresh exception each call, so no traceback of an earlier raise comes with it.
+        """
+        err = self._errors.get(seq)
+        return None if err is None else error_from_wire(err)
+
+    def _lost_error(self) -> FedwsError:
+        assert self._lost is not None
+        return type(self._lost)(*self._lost.args)
 
     @property
     def acked(self) -> int:
