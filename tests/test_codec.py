@@ -371,3 +371,18 @@ def test_undecodable_request_does_not_stop_the_rest_of_its_frame() -> None:
     assert [e[0] for e in errors] == [FRAME_ERROR_SEQ]
     assert errors[0][1]["code"] == "DecodeError"
     assert values == [[2, 1]] and watermark == 2
+
+
+def test_peek_kinds_reads_request_kinds_without_decoding() -> None:
+    from fedws.protocol.messages import Kind
+
+    frame = b"".join(
+        [
+            codec.encode_bytes([int(Kind.PING), 1]),
+            codec.encode_bytes([int(Kind.CMD), 2, "torch.add", [codec.ObjRef(5), 1], {}, [6]]),
+            codec.encode_bytes([int(Kind.STORE), 3, 7, torch.ones(100_000), [], None]),
+        ]
+    )
+    assert codec.peek_kinds(frame) == [Kind.PING, Kind.CMD, Kind.STORE]
+    assert codec.peek_kinds(b"\x00garbage") is None
+    assert codec.peek_kinds(codec.encode_bytes({"not": "a request"})) is None

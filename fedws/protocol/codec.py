@@ -237,6 +237,25 @@ def iter_blobs(frame: bytes | bytearray | memoryview) -> Iterator[memoryview]:
         pos += size
 
 
+def peek_kinds(frame: bytes | bytearray | memoryview) -> list[int] | None:
+    """The request kinds of a frame, read from each blob's first bytes without decoding.
+
+    None when a blob does not start the usual way (then decode it to find out).
+    """
+    kinds = []
+    mv = memoryview(frame).cast("B")
+    try:
+        for blob in iter_blobs(mv):
+            head = blob[HEAD_SIZE]
+            kind = blob[HEAD_SIZE + 1]
+            if not (0x90 <= head <= 0x9F and kind < 0x80):  # fixarray, then a positive fixint
+                return None
+            kinds.append(kind)
+    except (DecodeError, IndexError):
+        return None
+    return kinds
+
+
 PointerFactory = Callable[[PointerRef], Any]
 
 

@@ -24,7 +24,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..client.worker import VirtualWorker, Worker, executing_on
+from ..protocol.codec import peek_kinds
 from ..protocol.ids import new_id
+from ..protocol.messages import Kind
 from .config import NodeConfig, load_tensor
 from .frames import fragments, receive
 
@@ -34,6 +36,16 @@ log = logging.getLogger("fedws.server")
 
 NODE_ID_HEADER = "X-Fedws-Node"
 _PENDING_FRAMES = 64  # per connection: frames handed to the thread but not answered yet
+# Requests whose cost does not depend on what the caller asks the node to compute. A frame
+# of only these may be answered on the event loop; torch commands and plans never are, so a
+# long computation cannot hold up pings or other coordinators.
+_BOUNDED_KINDS = frozenset({Kind.PING, Kind.INFO, Kind.SEARCH, Kind.GET, Kind.DELETE})
+_INLINE_MAX_BYTES = 1 << 16
+
+
+def _bounded(frame: bytes | bytearray) -> bool:
+    kinds = peek_kinds(frame)
+    return kinds is not None and all(k in _BOUNDED_KINDS for k in kinds)
 
 
 class NodeServer:
@@ -116,18 +128,41 @@ class NodeServer:
                 except Exception:  # the peer's error surfaces where its result is used
                     log.debug("node %s: peer %s reported an error", self.config.id, peer.id)
 
+    def _handle_inline(self, frame: bytes | bytearray) -> list[bytes | memoryview]:
+        token = executing_on.set(self.worker)
+        try:
+            return self.worker.node.handle(frame)
+        finally:
+            executing_on.reset(token)
+
     async def _connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{self.config.id}")
         replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
         writer = asyncio.create_task(self._write_replies(ws, replies))
+        in_thread = 0  # frames of this connection handed to its thread and not done
+
+        def done(_: Any) -> None:
+            nonlocal in_thread
+            in_thread -= 1
+
         try:
             while True:
                 message = await receive(ws)
                 if isinstance(message, str):
                     await ws.close(1003, "fedws speaks binary msgpack frames")
                     break
-                await replies.put(loop.run_in_executor(executor, self._handle, message))
+                if not in_thread and len(message) <= _INLINE_MAX_BYTES and _bounded(message):
+                    # Bounded work, nothing of ours queued before it: answer on the loop and
+                    # save the hop to the thread and back (about 0.2 ms here).
+                    answered = loop.create_future()
+                    answered.set_result(self._handle_inline(message))
+                    await replies.put(answered)
+                    continue
+                in_thread += 1
+                job = loop.run_in_executor(executor, self._handle, message)
+                job.add_done_callback(done)
+                await replies.put(job)
         except ConnectionClosed:
             pass
         finally:
