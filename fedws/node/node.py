@@ -229,8 +229,11 @@ class Node:
             )
         args = self.resolve_args(args)
         kwargs = self.resolve_args(kwargs) if kwargs else {}
-        with torch.set_grad_enabled(grad_enabled):
+        if grad_enabled == torch.is_grad_enabled():
             result = self.call(fn, args, kwargs, result_ids)
+        else:
+            with torch.set_grad_enabled(grad_enabled):
+                result = self.call(fn, args, kwargs, result_ids)
         self.store_results(op, result, result_ids)
         return _NO_VALUE
 

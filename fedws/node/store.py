@@ -76,14 +76,13 @@ class ObjectStore:
         if size or old:
             self._sizes[obj_id] = size
             self.nbytes += size - old
-        tags = frozenset(tags)
         if tags:
-            self.tags[obj_id] = tags
-        else:
+            self.tags[obj_id] = frozenset(tags)
+        elif self.tags:
             self.tags.pop(obj_id, None)
         if description:
             self.descriptions[obj_id] = description
-        else:
+        elif self.descriptions:
             self.descriptions.pop(obj_id, None)
 
     def get(self, obj_id: int) -> Any:

@@ -20,6 +20,7 @@ classes, and the only names resolved are dtypes and a fixed set of torch constan
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,29 @@ class PointerRef:
     requires_grad: bool
 
 
+class _Packers(threading.local):
+    """Reusable msgpack Packers of this thread, one per nesting level.
+
+    ``msgpack.packb`` builds a Packer per call, a good part of a small command's cost; and
+    ``default`` packs tuples and tensor headers while the outer pack is running, so each
+    level needs its own Packer.
+    """
+
+    def __init__(self) -> None:
+        self.levels: list[msgpack.Packer] = []
+        self.depth = 0
+        self.encoder: _Encoder | None = None
+
+
+_packers = _Packers()
+
+
+def _default(obj: Any) -> Any:
+    encoder = _packers.encoder
+    assert encoder is not None
+    return encoder.default(obj)
+
+
 class _Encoder:
     __slots__ = ("buffers", "offset")
 
@@ -111,7 +135,21 @@ class _Encoder:
         self.offset = 0
 
     def pack(self, obj: Any) -> bytes:
-        return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
+        state = _packers
+        depth = state.depth
+        if depth == len(state.levels):
+            state.levels.append(
+                msgpack.Packer(default=_default, strict_types=True, use_bin_type=True, autoreset=True)
+            )
+        packer = state.levels[depth]
+        state.depth = depth + 1
+        try:
+            return packer.pack(obj)  # type: ignore[no-any-return]
+        except BaseException:
+            packer.reset()
+            raise
+        finally:
+            state.depth = depth
 
     def default(self, obj: Any) -> Any:
         to_wire = getattr(type(obj), "__fedws_encode__", None)
@@ -201,12 +239,15 @@ class _Encoder:
 def encode(obj: Any) -> list[bytes | memoryview]:
     """Encode ``obj`` as the chunks of one blob; tensor bytes are borrowed, not copied."""
     enc = _Encoder()
+    outer, _packers.encoder = _packers.encoder, enc
     try:
         env = enc.pack(obj)
     except EncodeError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot encode value: {exc}") from exc
+    finally:
+        _packers.encoder = outer
     if not enc.buffers:
         return [_HEAD.pack(len(env), 0, 0), env]
     pad = (-(HEAD_SIZE + len(env))) % _ALIGN
