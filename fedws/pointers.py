@@ -20,7 +20,7 @@ import asyncio
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch._C import DisableTorchFunctionSubclass
@@ -34,7 +34,7 @@ from .protocol.ops import is_inplace, op_name
 if TYPE_CHECKING:
     from .client.worker import Worker
 
-__all__ = ["PointerTensor", "PointerParameter", "MultiPointerTensor", "make_pointer"]
+__all__ = ["PointerTensor", "PointerParameter", "MultiPointerTensor", "RemoteResult", "make_pointer"]
 
 Sig = tuple[tuple[int, ...], torch.dtype, bool]
 
@@ -124,7 +124,41 @@ def _attach(
     d["_gotten"] = False
 
 
-class PointerTensor(torch.Tensor):
+class RemoteResult:
+    """Something a request made on ``location`` (request ``_seq``): it can be awaited.
+
+    Shared by pointers and pointer plans, so ``await``, ``wait()`` and ``future()`` mean
+    the same everywhere: the node has run the request, or its error is raised.
+    """
+
+    location: Worker
+    _seq: int
+
+    def future(self) -> Future[Any]:
+        """A future that completes (with None) once the node has run the request.
+
+        It fails with the remote error if the request failed.
+        """
+        fut = self.location.session.ack_future(self._seq)
+        self.location._kick()
+        return fut
+
+    def wait(self, timeout: float | None = None) -> Self:
+        """Block until the node has run the request; raise its error if it failed."""
+        from .client.io_thread import wait
+
+        wait(self.future(), self.location._timeout(timeout), f"waiting for {self!r}")
+        return self
+
+    def __await__(self) -> Any:
+        return self._await_made().__await__()
+
+    async def _await_made(self) -> Self:
+        await asyncio.wrap_future(self.future())
+        return self
+
+
+class PointerTensor(RemoteResult, torch.Tensor):
     """A tensor that lives on ``location`` under ``id_at_location``.
 
     Attributes:
@@ -193,29 +227,6 @@ class PointerTensor(torch.Tensor):
             raise PointerError(
                 f"{self!r} was already retrieved with get(); its remote object is gone"
             )
-
-    def future(self) -> Future[Any]:
-        """A future that completes (with None) once the node has made this object.
-
-        It fails with the remote error if the command that makes it failed.
-        """
-        fut = self.location.session.ack_future(self._seq)
-        self.location._kick()
-        return fut
-
-    def wait(self, timeout: float | None = None) -> PointerTensor:
-        """Block until the node has made this object; raise its error if it failed."""
-        from .client.io_thread import wait
-
-        wait(self.future(), self.location._timeout(timeout), f"waiting for {self!r}")
-        return self
-
-    def __await__(self) -> Any:
-        return self._await_made().__await__()
-
-    async def _await_made(self) -> PointerTensor:
-        await asyncio.wrap_future(self.future())
-        return self
 
     def get(self, *, timeout: float | None = None) -> Any:
         """Bring the value back and delete it from the worker.

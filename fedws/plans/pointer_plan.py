@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..exceptions import LocationError
-from ..pointers import MultiPointerTensor, PointerTensor, _Ownership, _take_ids, make_pointer
+from ..pointers import MultiPointerTensor, PointerTensor, RemoteResult, _Ownership, _take_ids, make_pointer
 from ..protocol.codec import ObjRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
@@ -30,7 +29,7 @@ def send_plan(plan: Plan, code: PlanCode, worker: Worker) -> PointerPlan:
     return PointerPlan(plan, worker, plan_id, seq=seq, owner=owner)
 
 
-class PointerPlan:
+class PointerPlan(RemoteResult):
     """A plan living on ``location``; call it with pointers there to run it.
 
     Each call sends exactly one message with the argument ids and fresh result ids, and
@@ -69,19 +68,6 @@ class PointerPlan:
             for rid, (s, d, rg) in zip(ids, specs)
         )
         return ptrs[0] if code.single else ptrs
-
-    def future(self) -> Future[Any]:
-        """Completes once the worker stored the plan; fails if it refused it."""
-        fut = self.location.session.ack_future(self._seq)
-        self.location._kick()
-        return fut
-
-    def wait(self, timeout: float | None = None) -> PointerPlan:
-        """Block until the worker stored the plan; raise its error if it refused it."""
-        from ..client.io_thread import wait
-
-        wait(self.future(), self.location._timeout(timeout), f"waiting for {self!r}")
-        return self
 
     def __repr__(self) -> str:
         owner = getattr(self.owner, "id", self.owner)
