@@ -272,3 +272,18 @@ def test_send_then_move_at_once_never_races(make_worker, transport: str) -> None
     for i in range(40):
         moved = torch.tensor([i, i + 1]).send(bob).move(alice)
         assert moved.get().tolist() == [i, i + 1]
+
+
+def test_connect_alone_is_enough_to_start(node: NodeProcess) -> None:
+    """A fresh interpreter: no TorchHook made by hand, connect() makes it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, fedws as sy\n"
+        f"with sy.connect({node.url!r}) as w:\n"
+        "    print((torch.ones(2).send(w) * 3).get().tolist(), sy.local_worker.id)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[3.0, 3.0] me"

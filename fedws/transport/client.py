@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import torch
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
@@ -78,9 +79,10 @@ class WebsocketClientWorker(Worker):
         connect: bool = True,
     ) -> None:
         if hook is None:
-            from ..hook import current_hook
+            from ..hook import TorchHook, current_hook
 
-            hook = current_hook()
+            # Connecting is enough to start: make the federation's hook if there is none.
+            hook = current_hook() or TorchHook(torch)
         if url is None:
             url = f"{'wss' if secure or ssl else 'ws'}://{host}:{port}"
         parts = urlsplit(url)
