@@ -104,10 +104,24 @@ def test_decoded_tensor_is_writable_and_owns_its_memory() -> None:
     assert out.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
-def test_encode_borrows_tensor_memory_without_copy() -> None:
-    t = torch.arange(1000, dtype=torch.float32)
-    chunks = encode(t)
-    assert any(isinstance(c, memoryview) and c.nbytes == 4000 for c in chunks)
+def test_encode_borrows_large_tensors_and_snapshots_small_ones() -> None:
+    big = torch.arange(100_000, dtype=torch.float32)
+    chunks = encode(big)
+    assert any(isinstance(c, memoryview) and c.nbytes == 400_000 for c in chunks)
+    small = torch.arange(1000, dtype=torch.float32)
+    chunks = encode(small)
+    small.add_(1)  # after encoding: the encoded bytes must not change
+    assert decode(b"".join(chunks)).tolist() == list(range(1000))
+
+
+def test_large_tensors_decode_as_views_of_a_writable_frame() -> None:
+    t = torch.arange(100_000, dtype=torch.float32)
+    frame = bytearray(encode_bytes(t))
+    out = decode(frame)
+    assert torch.equal(out, t)
+    frame[-4:] = b"\0\0\0\0"  # the tensor shares the frame's memory: no copy was made
+    assert out[-1].item() == 0.0
+    assert decode(bytes(frame))[-1].item() == 0.0  # read-only input is copied instead
 
 
 def test_requires_grad_and_grad_round_trip() -> None:

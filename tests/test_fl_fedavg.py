@@ -68,9 +68,9 @@ class SilentWorker(sy.VirtualWorker):
 
     silent = False
 
-    def _kick(self, borrowed: bool = False) -> None:
+    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
         if not self.silent:
-            super()._kick(borrowed)
+            super()._kick(borrowed, urgent=urgent)
 
 
 # -- training ---------------------------------------------------------------------------

@@ -56,8 +56,13 @@ class Worker:
 
     # -- moving frames (transport-specific) ----------------------------------------------
 
-    def _kick(self, borrowed: bool = False) -> None:
-        """Make sure queued requests get sent. ``borrowed``: wait until they are written."""
+    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
+        """Make sure queued requests get sent.
+
+        ``borrowed``: wait until they are written (they hold a large tensor by reference).
+        ``urgent``: someone waits on the answer; otherwise a transport may hold the
+        requests for a moment so that more of them share the frame.
+        """
         raise NotImplementedError
 
     def _kick_soon(self) -> None:
@@ -68,7 +73,7 @@ class Worker:
     def submit(self, kind: Kind, *fields: Any, want_value: bool = False) -> tuple[int, Future[Any] | None]:
         """Queue a request and get it moving; returns (seq, value future or None)."""
         seq, fut, borrowed = self.session.submit(kind, *fields, want_value=want_value)
-        self._kick(borrowed)
+        self._kick(borrowed, urgent=want_value or borrowed)
         return seq, fut
 
     def request(self, kind: Kind, *fields: Any, timeout: float | None = None) -> Any:
@@ -221,7 +226,7 @@ class VirtualWorker(Worker):
     def _arriving_pointer(self, ref: PointerRef) -> Any:
         return self.pointer_from_ref(ref)
 
-    def _kick(self, borrowed: bool = False) -> None:
+    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
         session = self.session
         while True:
             frame = session.take_frame()

@@ -19,6 +19,7 @@ classes, and the only names resolved are dtypes and a fixed set of torch constan
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -131,7 +132,7 @@ class _Encoder:
     __slots__ = ("buffers", "offset")
 
     def __init__(self) -> None:
-        self.buffers: list[memoryview] = []
+        self.buffers: list[bytes | memoryview] = []
         self.offset = 0
 
     def pack(self, obj: Any) -> bytes:
@@ -222,9 +223,13 @@ class _Encoder:
             self.offset += gap
         offset = self.offset
         if nbytes:
-            raw = data.reshape(-1).view(torch.uint8).numpy()  # numpy only to borrow the buffer
-            # ndarray exports the buffer protocol; numpy's stubs do not declare it as a Buffer
-            self.buffers.append(memoryview(raw).cast("B"))  # type: ignore[arg-type]
+            if nbytes < VIEW_MIN_BYTES:
+                # Small: one C call copies the bytes (a snapshot, and far cheaper than numpy).
+                self.buffers.append(ctypes.string_at(data.data_ptr(), nbytes))
+            else:
+                raw = data.reshape(-1).view(torch.uint8).numpy()  # numpy only to borrow the buffer
+                # ndarray exports the buffer protocol; numpy's stubs do not declare it a Buffer
+                self.buffers.append(memoryview(raw).cast("B"))  # type: ignore[arg-type]
             self.offset += nbytes
         return [
             _DTYPE_NAMES[data.dtype],
@@ -376,7 +381,7 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if numel * itemsize != nbytes:
         raise DecodeError(
             f"tensor header says {dtype_name}{shape} ({numel * itemsize} bytes) but carries {nbytes}"
@@ -394,7 +399,12 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
             if view.data_ptr() % itemsize == 0:
                 t = view.view(dtype).reshape(shape)
         if t is None:  # one copy, into memory torch owns and may write
-            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+            try:
+                t = torch.frombuffer(bytearray(raw), dtype=dtype)
+            except (TypeError, RuntimeError, ValueError):  # dtypes frombuffer does not take
+                t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
+            if len(shape) != 1:
+                t = t.reshape(shape)
     if requires_grad:
         if not (t.is_floating_point() or t.is_complex()):
             raise DecodeError(f"a {dtype_name} tensor cannot require grad")

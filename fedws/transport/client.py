@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = ["WebsocketClientWorker", "connect", "connect_async"]
 
+# How long commands nobody waits on may wait for company before their frame leaves.
+_BATCH_WINDOW_S = 0.001
+
 
 class WebsocketClientWorker(Worker):
     """A worker node reached over ``ws://`` or ``wss://``.
@@ -101,6 +104,8 @@ class WebsocketClientWorker(Worker):
         self._ws: ClientConnection | None = None
         self._wake = asyncio.Event()
         self._wake_pending = False
+        self._urgent_pending = False
+        self._batch_timer: asyncio.TimerHandle | None = None
         self._flush_waiters: list[Future[None]] = []
         self._flush_lock = threading.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -177,7 +182,10 @@ class WebsocketClientWorker(Worker):
         while True:
             await wake.wait()
             wake.clear()
-            self._wake_pending = False
+            self._wake_pending = self._urgent_pending = False
+            if self._batch_timer is not None:
+                self._batch_timer.cancel()
+                self._batch_timer = None
             with self._flush_lock:
                 waiters, self._flush_waiters = self._flush_waiters, []
             try:
@@ -275,7 +283,7 @@ class WebsocketClientWorker(Worker):
 
     # -- moving frames -------------------------------------------------------------------
 
-    def _kick(self, borrowed: bool = False) -> None:
+    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
         if self._ws is None and not self._closing:
             return  # nothing to write to; submit already raised if the link was lost
         waiter: Future[None] | None = None
@@ -283,9 +291,16 @@ class WebsocketClientWorker(Worker):
             waiter = Future()
             with self._flush_lock:
                 self._flush_waiters.append(waiter)
-        if not self._wake_pending:
+        if urgent:
+            if not self._urgent_pending:
+                self._urgent_pending = self._wake_pending = True
+                self._io.loop.call_soon_threadsafe(self._wake.set)
+        elif not self._wake_pending:
+            # Nobody waits on these yet: let the writer collect a batch for a moment. Waking
+            # it at once would hand it the GIL (the wake is a syscall) and send frames of a
+            # few commands each; an urgent request wakes it at once anyway.
             self._wake_pending = True
-            self._io.loop.call_soon_threadsafe(self._wake.set)
+            self._io.loop.call_soon_threadsafe(self._arm_batch_timer)
         if waiter is not None:
             if in_io_thread():
                 raise WrongThreadError("sending a large tensor from the IO thread would deadlock")
@@ -294,11 +309,15 @@ class WebsocketClientWorker(Worker):
             except FedwsTimeoutError:
                 raise
 
+    def _arm_batch_timer(self) -> None:
+        if self._batch_timer is None and not self._wake.is_set():
+            self._batch_timer = self._io.loop.call_later(_BATCH_WINDOW_S, self._wake.set)
+
     def _kick_soon(self) -> None:
         if self._ws is not None and not self._wake_pending:
             self._wake_pending = True
             try:
-                self._io.loop.call_soon_threadsafe(self._wake.set)
+                self._io.loop.call_soon_threadsafe(self._arm_batch_timer)
             except RuntimeError:  # loop closed at interpreter exit
                 pass
 
