@@ -8,7 +8,6 @@ which our tests and notebooks need; ``fedws.local_worker`` is the latest hook's.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -18,7 +17,6 @@ from torch import nn
 from .client.worker import VirtualWorker, Worker
 from .exceptions import FedwsError, PointerError
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor, make_pointer
-from .protocol.codec import ObjRef
 from .protocol.ids import new_id
 from .protocol.messages import Kind
 
@@ -147,7 +145,7 @@ def module_send(module: nn.Module, worker: Worker) -> nn.Module:
     """
     if not isinstance(worker, Worker):
         raise TypeError(f"Module.send expects a worker, got {type(worker).__name__}")
-    for _, param in _own_params(module):
+    for param in module.parameters():
         if isinstance(param, PointerTensor):
             raise PointerError(f"module is already on worker {param.location.id!r}; get() it first")
     for m in module.modules():
@@ -158,10 +156,6 @@ def module_send(module: nn.Module, worker: Worker) -> nn.Module:
             if buf is not None and not isinstance(buf, PointerTensor):
                 m._buffers[name] = _send_one(buf, worker)
     return module
-
-
-def _own_params(module: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return module.named_parameters()
 
 
 def _param_to_pointer(param: nn.Parameter, worker: Worker) -> None:
@@ -264,5 +258,3 @@ def _install() -> None:
     nn.Module.location = property(module_location)  # type: ignore[attr-defined]
     _installed = True
 
-
-_ = ObjRef  # re-exported for plans

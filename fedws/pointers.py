@@ -486,7 +486,7 @@ def _iter_leaves(obj: Any) -> Iterator[Any]:
 
 
 _NON_DIFFERENTIABLE = frozenset(
-    {"Tensor.detach", "torch.detach", "Tensor.data", "Tensor.grad", "Tensor.__getitem__" + "?"}
+    {"Tensor.detach", "torch.detach", "Tensor.data", "Tensor.grad"}
 )
 
 

@@ -13,7 +13,6 @@ import hmac
 import logging
 import signal
 import ssl
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
@@ -23,7 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ..client.worker import VirtualWorker, Worker, executing_on
+from ..client.worker import VirtualWorker, executing_on
 from ..protocol.codec import peek_kinds
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
@@ -225,6 +224,3 @@ class NodeServer:
             if close is not None:
                 close()
 
-
-def _unused(_: Iterable[Worker]) -> None:  # keep the import used for type checkers
-    return None
