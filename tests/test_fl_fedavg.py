@@ -21,7 +21,9 @@ from fedws.client.session import Session
 from fedws.client.worker import executing_on
 from fedws.exceptions import ConnectionLostError
 from fedws.fl import FedAvg, FedAvgConfig, History, load_checkpoint, sample_nodes, save_checkpoint
+from fedws.fl.local_training import _batch_generator
 from fedws.protocol import codec
+from fedws.protocol.messages import Kind
 
 FEATURES, CLASSES = 8, 3
 
@@ -322,3 +324,87 @@ def test_a_parameter_the_loss_does_not_use_is_left_alone(hook: sy.TorchHook) -> 
     history = FedAvg(model, workers, FedAvgConfig(rounds=1), progress=False).fit()
     assert history.rounds[-1].nodes == ["alice", "bob"] and not history.rounds[-1].dropped
     assert torch.equal(model.unused.weight.detach(), unused_before)
+
+
+# -- local training is a plan: one message per step ----------------------------------------
+
+
+def test_each_local_step_is_one_plan_message(hook: sy.TorchHook, monkeypatch: pytest.MonkeyPatch) -> None:
+    (alice,) = federation(hook, {"alice": 96})
+    kinds = _spy_on_requests(monkeypatch, alice)
+    overhead = set()
+    for batch_size, steps in ((96, 2), (32, 6), (8, 24)):  # 2 local epochs of 96 examples
+        cfg = FedAvgConfig(rounds=2, local_epochs=2, batch_size=batch_size, momentum=0.5)
+        trainer = FedAvg(make_model(), [alice], cfg, progress=False)
+        kinds.clear()
+        trainer.run_round(1)
+        assert kinds.count(Kind.STORE_PLAN) == 1 and kinds.count(Kind.RUN_PLAN) == steps
+        kinds.clear()
+        before = alice.session.messages_sent
+        trainer.run_round(2)
+        sent = alice.session.messages_sent - before
+        # The plan stays on the node: round 2 sends the parameters and one message per step.
+        assert kinds.count(Kind.STORE_PLAN) == 0 and kinds.count(Kind.RUN_PLAN) == steps
+        first = kinds.index(Kind.RUN_PLAN)
+        assert kinds[first : first + steps] == [Kind.RUN_PLAN] * steps  # nothing else per step
+        overhead.add(sent - steps)
+        del trainer
+        gc.collect()
+    # What is not a step (sending and fetching the parameters, barriers) does not grow with steps.
+    assert len(overhead) == 1 and overhead.pop() < 20
+
+
+def test_local_sgd_with_momentum_matches_torch_sgd(hook: sy.TorchHook) -> None:
+    # BatchNorm: its buffers are plan arguments too, updated on the node like the parameters.
+    def bn_model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+    cfg = FedAvgConfig(rounds=1, local_epochs=2, batch_size=16, lr=0.05, momentum=0.9)
+    (alice,) = federation(hook, {"alice": 100})
+    model = bn_model()
+    FedAvg(model, [alice], cfg, progress=False).fit()
+
+    reference = bn_model()
+    x, y = blobs(100, seed=0)
+    opt = torch.optim.SGD(reference.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    g = _batch_generator(cfg.seed, 1, "alice")
+    for _epoch in range(cfg.local_epochs):
+        order = torch.randperm(100, generator=g)
+        for lo in range(0, 100, cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x[idx]), y[idx]).backward()
+            opt.step()
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[key], value, atol=1e-6), key
+
+
+def test_a_dropped_node_gets_the_plan_again(hook: sy.TorchHook, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = federation(hook, {"alice": 100})[0]
+    slow = SilentWorker(hook, id="slow", data=shard(*blobs(100, seed=5)))
+    kinds = _spy_on_requests(monkeypatch, slow)
+    trainer = FedAvg(make_model(), [alice, slow], FedAvgConfig(rounds=3, round_timeout=0.2), progress=False)
+    trainer.run_round(1)
+    slow.silent = True
+    assert trainer.run_round(2).nodes == ["alice"]
+    slow.silent = False
+    slow._kick()  # the queued round-2 requests run now, too late to count
+    kinds.clear()
+    third = trainer.run_round(3)
+    assert third.nodes == ["alice", "slow"] and not third.dropped
+    assert kinds.count(Kind.STORE_PLAN) == 1  # sent again, in case the node lost it
+
+
+def _spy_on_requests(monkeypatch: pytest.MonkeyPatch, worker: sy.Worker) -> list[int]:
+    """The kinds of the requests the coordinator submits to ``worker``, in order."""
+    kinds: list[int] = []
+    original = Session.submit
+
+    def spy(self: Session, kind: Any, *fields: Any, want_value: bool = False) -> Any:
+        if self is worker.session:
+            kinds.append(int(kind))
+        return original(self, kind, *fields, want_value=want_value)
+
+    monkeypatch.setattr(Session, "submit", spy)
+    return kinds

@@ -37,7 +37,15 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .evaluate import evaluate
 from .history import History, RoundMetrics
-from .local_training import LocalRun, LossFn, NodeData, data_from_search, find_data, start_local_training
+from .local_training import (
+    LocalRun,
+    LossFn,
+    NodeData,
+    TrainingPlans,
+    data_from_search,
+    find_data,
+    start_local_training,
+)
 from .sampling import sample_nodes
 from .trusted import connect_aggregator, start_trusted_average
 
@@ -99,6 +107,7 @@ class FedAvg:
         self.on_round = on_round
         self.history = History()
         self._data: dict[str, NodeData] = {}
+        self._plans = TrainingPlans()  # the training-step plan, traced once, kept on the nodes
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
 
@@ -153,6 +162,7 @@ class FedAvg:
         def drop(worker_id: str, exc: BaseException) -> None:
             dropped[worker_id] = _why(exc)
             self._data.pop(worker_id, None)  # look the shard up afresh next time
+            self._plans.forget(worker_id)  # and send it the plan again
             log.warning("round %d: dropped node %r: %s", round_number, worker_id, _why(exc))
 
         self._discover([w for w in selected if w.id not in self._data], deadline, drop)
@@ -168,6 +178,7 @@ class FedAvg:
                     round_number=round_number,
                     loss_fn=self.loss_fn,
                     fetch_state=self.aggregator is None,
+                    plans=self._plans,
                 )
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)

@@ -1,9 +1,12 @@
 """One node's share of a round: find its data, train a copy of the model there.
 
-Training uses the course's recipe: send a copy of the global model to the node, run the
-forward and backward passes on pointers, and step its (remote) parameters with SGD. Every
-step is a non-blocking command,
-so :func:`start_local_training` returns as soon as the whole local program is queued; the
+Training uses the course's recipe: send a copy of the global model to the node and run
+SGD there on pointers. Each minibatch step is one call of a training-step plan (forward,
+loss, backward, SGD update with momentum, zeroed grads), so one RUN_PLAN message per
+step. The plan is traced once per model architecture and loss (:class:`TrainingPlans`)
+and stored on each node once; what travels every round is the current parameters and,
+with every step, the indices of its minibatch. Every request is non-blocking, so
+:func:`start_local_training` returns as soon as the whole local program is queued; the
 coordinator starts every node's program before waiting on any of them.
 
 The data never moves: the features and labels are found on the node by tags and only
@@ -14,8 +17,9 @@ aggregator, nothing but the summed loss).
 from __future__ import annotations
 
 import copy
+import itertools
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -25,11 +29,20 @@ from torch import nn
 
 from ..client.worker import Worker
 from ..exceptions import ObjectNotFoundError
+from ..plans import Plan, PointerPlan
 from ..pointers import PointerTensor
 from . import remote
 from .config import FedAvgConfig
 
-__all__ = ["NodeData", "LocalRun", "find_data", "data_from_search", "start_local_training"]
+__all__ = [
+    "NodeData",
+    "LocalRun",
+    "TrainingPlans",
+    "build_training_plan",
+    "find_data",
+    "data_from_search",
+    "start_local_training",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -88,7 +101,11 @@ class LocalRun:
         start_seq: first request of the run, for :func:`remote.first_error`.
         end_seq: the barrier that closes the run.
         futures: the barrier, the summed loss, then one per state entry if fetched.
+        examples_seen: examples the run trains on (all its epochs).
         state_keys: the state dict keys, in the order of the fetch futures.
+        step_losses: each step's batch loss (pointers, never fetched). Kept with the run so
+            that they are freed together afterwards, in one batched delete, instead of one
+            delete riding along with every step.
     """
 
     data: NodeData
@@ -98,6 +115,7 @@ class LocalRun:
     futures: list[Future[Any]]
     examples_seen: int
     state_keys: list[str] = field(default_factory=list)
+    step_losses: list[Any] = field(default_factory=list)
 
     @property
     def node_id(self) -> str:
@@ -109,24 +127,135 @@ def _batch_generator(seed: int, round_number: int, node_id: str) -> torch.Genera
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{round_number}:{node_id}".encode()))
 
 
-def _sgd_step(
-    params: Sequence[torch.Tensor], velocity: list[torch.Tensor | None], lr: float, momentum: float
-) -> None:
-    """``torch.optim.SGD.step`` written for remote parameters.
+def build_training_plan(
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    lr: float,
+    momentum: float,
+    x_like: tuple[tuple[int, ...], torch.dtype],
+    y_like: tuple[tuple[int, ...], torch.dtype],
+) -> Plan:
+    """Trace one SGD step of ``model`` as a plan.
 
-    The optimizer updates parameters in place under ``torch.no_grad()``; a node in
-    another process refuses that in-place update of a leaf unless the command carries the
-    coordinator's grad mode (it did not when this was written). Updating ``param.data``
-    is the same arithmetic and valid in any grad mode, on any node version.
+    The plan is called as ``step(x, y, idx, loss_sum, params, buffers, velocity)``: the
+    node's whole shard ``x``/``y``, the minibatch's row indices ``idx``, a 0-dim running
+    loss total, ``list(model.parameters())``, ``list(model.buffers())`` and, with momentum,
+    one velocity buffer per trainable parameter (zeros at the start, as the first step of
+    ``torch.optim.SGD`` makes them). It updates the parameters, velocities, buffers and
+    ``loss_sum`` in place, leaves every grad None, and returns the batch's loss sum.
+
+    The update is ``torch.optim.SGD``'s (no dampening, weight decay or Nesterov). A
+    parameter the loss does not reach has no grad when the plan is traced and is left
+    alone, as SGD skips it.
+
+    Args:
+        model: the architecture; traced on a copy, so it is not changed.
+        loss_fn: ``loss_fn(output, target)``, from allowlisted ops.
+        lr, momentum: baked into the plan.
+        x_like, y_like: ``(shape of one row, dtype)`` of the features and labels.
     """
-    for i, p in enumerate(params):
-        # Grads exist on the node: the caller gives every parameter a zero grad first.
-        step = cast(torch.Tensor, p.grad)
-        if momentum:
-            buf = velocity[i]
-            step = step if buf is None else buf * momentum + step
-            velocity[i] = step
-        p.data.add_(step, alpha=-lr)
+    net = copy.deepcopy(model)
+    params = list(net.parameters())
+    for p in params:
+        p.grad = None
+    trainable = [p for p in params if p.requires_grad]
+    slot = {id(p): i for i, p in enumerate(trainable)}
+
+    def train_step(
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        loss_sum: torch.Tensor,
+        params: list[torch.Tensor],
+        buffers: list[torch.Tensor],
+        velocity: list[torch.Tensor],
+    ) -> torch.Tensor:
+        # ``params`` and ``buffers`` are ``net``'s own tensors while tracing: net(...) reads them.
+        loss = loss_fn(net(x[idx]), y[idx])
+        loss.backward()
+        with torch.no_grad():
+            for p in trainable:
+                step = p.grad
+                if step is None:  # the loss does not use it (fixed for this architecture)
+                    continue
+                if momentum:
+                    buf = velocity[slot[id(p)]]
+                    buf.mul_(momentum).add_(step)
+                    step = buf
+                p.add_(step, alpha=-lr)
+                p.grad = None
+            batch = loss.detach() * idx.shape[0]
+            loss_sum.add_(batch)
+        return batch
+
+    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    example = (
+        torch.zeros((2, *x_like[0]), dtype=x_like[1]),
+        torch.zeros((2, *y_like[0]), dtype=y_like[1]),
+        torch.arange(2),
+        torch.zeros((), dtype=dtype),
+        params,
+        list(net.buffers()),
+        [torch.zeros_like(p) for p in trainable] if momentum else [],
+    )
+    plan = Plan(train_step, name="train_step")
+    plan.build(*example)
+    return plan
+
+
+class TrainingPlans:
+    """The training-step plans of a federated run, and where they have been sent.
+
+    A plan is traced once per model architecture, loss function, learning rate, momentum
+    and data signature, and stored on each node once; the node keeps it across rounds
+    until :meth:`forget` (a dropped node gets it again when it comes back).
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[Hashable, Plan] = {}
+        self._sent: dict[str, tuple[Hashable, PointerPlan]] = {}
+
+    def for_node(self, model: nn.Module, data: NodeData, config: FedAvgConfig, loss_fn: LossFn) -> PointerPlan:
+        """The plan for training ``model`` on ``data``, on its node (sent if it is not yet there)."""
+        x_like = (tuple(data.x.shape[1:]), data.x.dtype)
+        y_like = (tuple(data.y.shape[1:]), data.y.dtype)
+        key = (_architecture(model), loss_fn, config.lr, config.momentum, x_like, y_like)
+        worker = data.worker
+        sent = self._sent.get(worker.id)
+        if sent is not None and sent[0] == key and sent[1].location is worker:
+            return sent[1]
+        plan = self._built.get(key)
+        if plan is None:
+            plan = build_training_plan(
+                model, loss_fn, lr=config.lr, momentum=config.momentum, x_like=x_like, y_like=y_like
+            )
+            self._built[key] = plan
+        pointer = cast(PointerPlan, plan.send(worker))
+        self._sent[worker.id] = (key, pointer)
+        self._prune()
+        return pointer
+
+    def forget(self, worker_id: str) -> None:
+        """Send the plan to ``worker_id`` again next time (it was dropped from a round)."""
+        self._sent.pop(worker_id, None)
+        self._prune()
+
+    def _prune(self) -> None:
+        # A plan no node uses any more goes, and with it its copies on the nodes.
+        used = {key for key, _ in self._sent.values()}
+        for key in [k for k in self._built if k not in used]:
+            del self._built[key]
+
+
+def _architecture(model: nn.Module) -> Hashable:
+    """What a traced step depends on: module types and modes, every parameter's and buffer's spec."""
+    modules = tuple((name, type(m), m.training) for name, m in model.named_modules())
+    tensors = tuple(
+        (name, tuple(t.shape), t.dtype, t.requires_grad)
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    )
+    return modules, tensors
 
 
 def start_local_training(
@@ -137,50 +266,46 @@ def start_local_training(
     round_number: int,
     loss_fn: LossFn,
     fetch_state: bool,
+    plans: TrainingPlans | None = None,
 ) -> LocalRun:
     """Queue ``config.local_epochs`` of SGD on the node; return without waiting.
+
+    Sends the current parameters, then one training-step plan call per minibatch.
 
     Args:
         global_model: the current global model (local); a copy of it is sent.
         data: the node's shard.
-        config: epochs, batch size, learning rate, seed.
+        config: epochs, batch size, learning rate, momentum, seed.
         round_number: with the seed, fixes the order of the minibatches.
         loss_fn: ``loss_fn(output, target)``, built from allowlisted torch ops.
         fetch_state: also queue fetches of the trained parameters (the plain coordinator
             aggregation); False when a trusted aggregator collects them instead.
+        plans: the run's plan cache; None builds and sends a plan for this call only.
     """
     worker, n = data.worker, data.num_examples
     start = remote.mark(worker)
+    step = (plans or TrainingPlans()).for_node(global_model, data, config, loss_fn)
     model = copy.deepcopy(global_model)
     model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The velocities and the loss are pointers (torch ops on pointers return pointers),
-    # typed as the torch.Tensor the stubs give for those ops.
-    velocity: list[torch.Tensor | None] = [None] * len(params)
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    # torch ops on pointers return pointers (typed as the torch.Tensor the stubs give).
+    velocity = [torch.zeros_like(p) for p in params if p.requires_grad] if config.momentum else []
+    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    loss_sum = torch.zeros((), dtype=dtype).send(worker)  # type: ignore[attr-defined]  # installed by the hook
     gen = _batch_generator(config.seed, round_number, worker.id)
-    loss_sum: torch.Tensor | None = None
-    # Every parameter gets a zero grad that each step zeroes in place (not None): one the
-    # loss does not use then steps by zero, as torch.optim.SGD skips it, instead of failing.
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    step_losses = []
     for _epoch in range(config.local_epochs):
-        order = torch.randperm(n, generator=gen).send(worker)  # type: ignore[attr-defined]  # installed by the hook
-        xs, ys = data.x[order], data.y[order]
+        order = torch.randperm(n, generator=gen)
         for lo in range(0, n, config.batch_size):
-            hi = min(n, lo + config.batch_size)
-            for p in params:
-                cast(torch.Tensor, p.grad).zero_()
-            loss = loss_fn(model(xs[lo:hi]), ys[lo:hi])
-            loss.backward()
-            _sgd_step(params, velocity, config.lr, config.momentum)
-            batch_loss = loss.detach() * (hi - lo)
-            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-    assert loss_sum is not None, "a node with 0 examples cannot train"
+            # The indices travel inline with the call: one message per step.
+            idx = order[lo : lo + config.batch_size]
+            step_losses.append(step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
     end, done = remote.barrier_nowait(worker)
-    futures = [done, remote.fetch_nowait(cast(PointerTensor, loss_sum))]
+    futures = [done, remote.fetch_nowait(loss_sum)]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():
             keys.append(key)
             futures.append(remote.fetch_nowait(ptr))
-    return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys)
+    return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys, step_losses)
