@@ -5,7 +5,8 @@
 2. starts one node process per ``workers/*.toml`` (alice, bob, charlie on ports
    8777-8779); each node loads its own shard and serves it under tags,
 3. trains a small MLP with FedAvg: every round the model goes to the nodes, trains there on
-   data the coordinator never sees, and only the parameters come back to be averaged,
+   data the coordinator never sees (one training-step plan call per minibatch, sent to
+   each node once), and only the parameters come back to be averaged,
 4. trains the same model centrally on the pooled data, for comparison,
 5. prints both accuracies, writes ``examples/output/federated_demo.png``, stops the nodes.
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(m: RoundMetrics) -> None:
         dropped = f"  dropped {sorted(m.dropped)}" if m.dropped else ""
         print(f"round {m.round:2d}/{cfg.rounds}  train loss {m.train_loss:.4f}  test acc {m.test_accuracy:.3f}"
-              f"  nodes {','.join(m.nodes)}  ({m.seconds:.1f} s){dropped}")
+              f"  nodes {','.join(m.nodes)}  ({m.seconds:.2f} s){dropped}")
 
     with federation(configs, args.trusted) as (workers, aggregator):
         model = make_model(args.seed)
