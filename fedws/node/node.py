@@ -33,7 +33,7 @@ from ..protocol.messages import FRAME_ERROR_SEQ, Kind
 from ..protocol.ops import resolve
 from .store import Failure, ObjectStore
 
-__all__ = ["Node"]
+__all__ = ["Node", "TENSOR_FEDWS_OPS"]
 
 log = logging.getLogger("fedws.node")
 
@@ -78,9 +78,8 @@ class Node:
             Kind.PING: lambda msg: "pong",
             Kind.STORE_PLAN: self._store_plan,
         }
-        self._fedws_ops: dict[str, Callable[..., Any]] = {
-            "fedws.set_grad": _set_grad,
-            "fedws.set_data": _set_data,
+        self.fedws_ops: dict[str, Callable[..., Any]] = {
+            **TENSOR_FEDWS_OPS,
             "fedws.remote_get": self._remote_get,
         }
 
@@ -222,7 +221,7 @@ class Node:
     def _cmd(self, msg: list[Any]) -> Any:
         _, _, op, args, kwargs, result_ids, *rest = msg
         grad_enabled = bool(rest[0]) if rest else True  # the caller's (thread-local) grad mode
-        fn = self._fedws_ops.get(op) or resolve(op)
+        fn = self.fedws_ops.get(op) or resolve(op)
         if fn is None:
             raise OpNotAllowedError(
                 f"op {op!r} is not allowed on worker {self.id!r}", worker=self.id, op=op
@@ -367,6 +366,10 @@ def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:
 
 def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
     tensor.data = data
+
+
+# fedws ops that act on tensors alone, no node state: plans run them anywhere (locally too).
+TENSOR_FEDWS_OPS: dict[str, Callable[..., Any]] = {"fedws.set_grad": _set_grad, "fedws.set_data": _set_data}
 
 
 def _meta(obj: Any) -> list[Any]:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..exceptions import DependencyError, FedwsError, PlanError
+from ..node.node import TENSOR_FEDWS_OPS
+from ..node.store import Failure
 from ..protocol.codec import ObjRef
 from ..protocol.errors import error_to_wire
 from ..protocol.ops import resolve
@@ -23,23 +25,12 @@ from .code import PlanCode
 if TYPE_CHECKING:
     from ..node import Node
 
-__all__ = ["execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "LOCAL_FEDWS_OPS"]
-
-
-def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:
-    tensor.grad = grad
-
-
-def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
-    tensor.data = data
-
-
-# fedws ops a plan may use when it runs outside a node (locally, or on meta tensors).
-LOCAL_FEDWS_OPS: dict[str, Callable[..., Any]] = {"fedws.set_grad": _set_grad, "fedws.set_data": _set_data}
+__all__ = ["execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan"]
 
 
 def local_resolver(name: str) -> Callable[..., Any] | None:
-    return LOCAL_FEDWS_OPS.get(name) or resolve(name)
+    """Op names for a plan run outside a node (locally, or on meta tensors)."""
+    return TENSOR_FEDWS_OPS.get(name) or resolve(name)
 
 
 def flat_tensors(obj: Any) -> list[torch.Tensor]:
@@ -146,8 +137,6 @@ def store_plan(node: Node, msg: list[Any]) -> None:
     try:
         code, state = PlanCode.from_wire(wire, worker=node.id)
     except Exception as exc:
-        from ..node.store import Failure
-
         node.store.objects[plan_id] = Failure(error_to_wire(exc, worker=node.id, obj_id=plan_id))
         raise
     node.store.set(plan_id, StoredPlan(code, state))
@@ -156,8 +145,6 @@ def store_plan(node: Node, msg: list[Any]) -> None:
 def run_plan(node: Node, msg: list[Any]) -> None:
     """``[RUN_PLAN, seq, plan_id, args, result_ids]``: run a stored plan, store its outputs."""
     _, _, plan_id, args, result_ids = msg
-    from ..node.store import Failure
-
     stored = node.store.get(plan_id)
     if type(stored) is Failure:
         raise DependencyError(
@@ -178,7 +165,7 @@ def run_plan(node: Node, msg: list[Any]) -> None:
     if len(result_ids) != len(code.outputs):
         raise TypeError(f"plan {code.name!r} has {len(code.outputs)} outputs, got {len(result_ids)} result ids")
     inputs = flat_tensors(node.resolve_args(args))
-    fedws_ops = getattr(node, "_fedws_ops", {})
+    fedws_ops = node.fedws_ops
 
     def resolver(name: str) -> Callable[..., Any] | None:
         return fedws_ops.get(name) or resolve(name)
