@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .client.federation import Federation
 from .client.worker import VirtualWorker, Worker
 from .exceptions import (
     AuthenticationError,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TorchHook",
+    "Federation",
     "VirtualWorker",
     "Worker",
     "WebsocketClientWorker",
@@ -79,11 +81,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "local_worker":  # the latest TorchHook's worker "me", as in the seed
-        from .hook import current_hook
+    if name == "local_worker":  # the default federation's worker "me", as in the seed
+        from .hook import current_federation
 
-        hook = current_hook()
-        if hook is None:
+        federation = current_federation()
+        if federation is None or federation.local_worker is None:
             raise AttributeError("fedws.local_worker exists once sy.TorchHook(torch) was called")
-        return hook.local_worker
+        return federation.local_worker
     raise AttributeError(f"module 'fedws' has no attribute {name!r}")

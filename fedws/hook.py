@@ -8,71 +8,98 @@ which our tests and notebooks need; ``fedws.local_worker`` is the latest hook's.
 from __future__ import annotations
 
 import copy
+import threading
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 from torch import nn
 
+from .client.federation import Federation
 from .client.worker import VirtualWorker, Worker
 from .exceptions import FedwsError, PointerError
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor, make_pointer
 from .protocol.ids import new_id
 from .protocol.messages import Kind
 
-__all__ = ["TorchHook", "send_tensor"]
+__all__ = ["TorchHook", "send_tensor", "default_federation", "current_federation"]
 
-_current: TorchHook | None = None
+_default: Federation | None = None
+_latest: Federation | None = None
+_default_lock = threading.Lock()
+
+
+def default_federation() -> Federation:
+    """The process's default federation, made (with its local worker ``me``) on first use.
+
+    Every ``sy.TorchHook(torch)`` and every ``sy.connect(url)`` without an explicit
+    federation joins this one, as every hook of a process shared one local worker in PySyft.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = _complete(Federation())
+        return _default
+
+
+def current_federation() -> Federation | None:
+    """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``), or None."""
+    return _latest
+
+
+def _complete(federation: Federation) -> Federation:
+    """Hand the pointer factory in and make the local worker ``me`` if missing."""
+    _install()
+    if federation.pointer_factory is None:
+        federation.pointer_factory = make_pointer
+    if federation.local_worker is None:
+        federation.local_worker = VirtualWorker(federation, id="me")
+        for worker in list(federation.workers.values()):
+            if worker is not federation.local_worker:
+                federation.local_worker.peers[worker.id] = worker
+    return federation
 
 
 class TorchHook:
     """The entry point of a federation: ``hook = sy.TorchHook(torch)``.
 
+    It adds ``send``/``get``/... to torch (once per process) and joins a federation: the
+    process's default one unless ``federation`` is given, so every ``TorchHook(torch)`` in a
+    process shares the same workers and local worker ``me``, as in PySyft.
+
+    Args:
+        torch_module: the torch module.
+        federation: a :class:`Federation` of its own (several can live in one process).
+
     Attributes:
         local_worker: the coordinator's own worker (id ``"me"``), owner of its pointers.
-        workers: every worker created with this hook, by id.
+        workers: every worker of the federation, by id.
     """
 
-    def __init__(self, torch_module: Any = torch, local_worker: Worker | None = None) -> None:
-        global _current
+    def __init__(self, torch_module: Any = torch, *, federation: Federation | None = None) -> None:
         if torch_module is not torch:
             raise TypeError("TorchHook expects the torch module: sy.TorchHook(torch)")
+        global _latest
         self.torch = torch_module
-        self.workers: dict[str, Worker] = {}
-        _install()
-        self.local_worker: Worker = local_worker or VirtualWorker(self, id="me")
-        _current = self
+        self.federation = _complete(federation) if federation is not None else default_federation()
+        _latest = self.federation
 
-    def register_worker(self, worker: Worker) -> None:
-        """Called by every worker built with this hook; later workers replace earlier ones."""
-        self.workers[worker.id] = worker
-        if self.workers is not None and hasattr(self, "local_worker"):
-            # The coordinator can follow pointers to any worker of its federation.
-            self.local_worker.peers[worker.id] = worker
+    @property
+    def local_worker(self) -> Worker:
+        local = self.federation.local_worker
+        assert local is not None  # _complete made it
+        return local
+
+    @property
+    def workers(self) -> dict[str, Worker]:
+        return self.federation.workers
 
     def settle(self, exclude: Worker | None = None, timeout: float | None = None) -> None:
         """Wait until every worker (but ``exclude``) has run the commands sent to it."""
-        from .client.io_thread import in_io_thread, wait
-
-        if in_io_thread():
-            return
-        for worker in list(self.workers.values()):
-            session = worker.session
-            if worker is exclude or not session.pending:
-                continue
-            fut = session.ack_future(session.last_seq)
-            worker._kick()
-            try:
-                wait(fut, timeout, f"commands on worker {worker.id!r}")
-            except FedwsError:
-                pass  # a failed command is reported where its result is used
+        self.federation.settle(exclude, timeout)
 
     def __repr__(self) -> str:
         return f"<TorchHook workers={sorted(self.workers)}>"
-
-
-def current_hook() -> TorchHook | None:
-    return _current
 
 
 # -- Tensor methods -----------------------------------------------------------------------
@@ -96,10 +123,6 @@ def send_tensor(tensor: torch.Tensor, *workers: Worker) -> PointerTensor | Multi
     return _send_one(tensor, workers[0])
 
 
-def _owner(worker: Worker) -> Worker:
-    return worker.hook.local_worker if worker.hook is not None else worker
-
-
 def _send_one(tensor: torch.Tensor, worker: Worker) -> PointerTensor:
     remote_id = new_id()
     seq = worker.store(
@@ -114,7 +137,7 @@ def _send_one(tensor: torch.Tensor, worker: Worker) -> PointerTensor:
         shape=tuple(tensor.shape),
         dtype=tensor.dtype,
         requires_grad=tensor.requires_grad,
-        owner=_owner(worker),
+        owner=worker.owner,
         id=new_id(),
         seq=seq,
     )
@@ -169,7 +192,7 @@ def _param_to_pointer(param: nn.Parameter, worker: Worker) -> None:
     param.__class__ = PointerParameter
     from .pointers import _attach
 
-    _attach(param, worker, remote_id, _owner(worker), new_id(), seq, True, (shape, dtype, rg))
+    _attach(param, worker, remote_id, worker.owner, new_id(), seq, True, (shape, dtype, rg))
     param.__dict__["_local_class"] = local_class
 
 
@@ -200,7 +223,7 @@ def module_get(module: nn.Module) -> nn.Module:
     from .client.io_thread import wait
 
     for kind, m, name, ptr, fut in pending:  # all requests are out: one round trip in all
-        value = wait(fut, ptr.location._timeout(None), f"get of {name}")
+        value = wait(fut, ptr.location.call_timeout(), f"get of {name}")
         ptr._raise_if_last_op_failed(value)
         ptr._mark_gotten()
         if kind == "p":

@@ -26,7 +26,7 @@ import torch
 from torch._C import DisableTorchFunctionSubclass
 
 from .exceptions import LocationError, OpNotAllowedError, PointerError
-from .protocol.codec import _DTYPE_NAMES, DTYPES, ObjRef, PointerRef
+from .protocol.codec import DTYPE_NAMES, DTYPES, ObjRef, PointerRef
 from .protocol.ids import new_id, planned_result_ids
 from .protocol.messages import Kind
 from .protocol.ops import is_inplace, op_name
@@ -52,8 +52,7 @@ class _Ownership:
     def __del__(self) -> None:
         if self.active:
             try:
-                self.worker.session.queue_delete(self.obj_id)
-                self.worker._kick_soon()
+                self.worker.queue_delete(self.obj_id)
             except Exception:  # interpreter shutdown; nothing useful left to do
                 pass
 
@@ -139,15 +138,13 @@ class RemoteResult:
 
         It fails with the remote error if the request failed.
         """
-        fut = self.location.session.ack_future(self._seq)
-        self.location._kick()
-        return fut
+        return self.location.ack_future(self._seq)
 
     def wait(self, timeout: float | None = None) -> Self:
         """Block until the node has run the request; raise its error if it failed."""
         from .client.io_thread import wait
 
-        wait(self.future(), self.location._timeout(timeout), f"waiting for {self!r}")
+        wait(self.future(), self.location.call_timeout(timeout), f"waiting for {self!r}")
         return self
 
     def __await__(self) -> Any:
@@ -197,7 +194,7 @@ class PointerTensor(RemoteResult, torch.Tensor):
             self.id_at_location,
             self.id,
             None if sig is None else sig[0],
-            _DTYPE_NAMES[self._dtype()],
+            DTYPE_NAMES[self._dtype()],
             bool(sig[2]) if sig else False,
         )
 
@@ -246,7 +243,7 @@ class PointerTensor(RemoteResult, torch.Tensor):
         The value is not lost: it is stored again under the same id, and the pointer stays
         usable.
         """
-        err = self.location.session.error_of(self._seq) if self._seq else None
+        err = self.location.error_of(self._seq) if self._seq else None
         if err is not None:
             self.__dict__["_seq"] = self.location.store(value, obj_id=self.id_at_location)
             raise err
@@ -713,9 +710,8 @@ for _f in (
 def pointer_from_description(worker: Worker, d: Sequence[Any]) -> PointerTensor:
     """A non-owning pointer for one entry of a search reply."""
     obj_id, _type, shape, dtype, rg = d[0], d[1], d[2], d[3], d[4]
-    owner = worker.hook.local_worker if worker.hook is not None else worker
     return make_pointer(
-        worker, obj_id, shape=shape, dtype=dtype, requires_grad=rg, owner=owner, id=new_id(), owns=False
+        worker, obj_id, shape=shape, dtype=dtype, requires_grad=rg, owner=worker.owner, id=new_id(), owns=False
     )
 
 

@@ -53,7 +53,8 @@ def node_pool() -> Iterator[NodePool]:
 
 @pytest.fixture
 def hook() -> sy.TorchHook:
-    return sy.TorchHook(torch)
+    """A hook over a federation of its own, so no test sees another test's workers."""
+    return sy.TorchHook(torch, federation=sy.Federation())
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -340,7 +340,7 @@ def test_plan_must_return_tensors():
 
 
 def test_plan_code_roundtrips_the_codec():
-    from fedws.plans.code import PlanCode
+    from fedws.protocol.plan import PlanCode
     from fedws.protocol import codec
 
     plan = Net()

@@ -14,18 +14,19 @@ from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import PointerError
+from ..exceptions import FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
+from ..protocol.ids import new_id
 from ..protocol.messages import Kind
+from .federation import Federation
 from .io_thread import wait
 from .session import Session
 
 if TYPE_CHECKING:
-    from ..hook import TorchHook
     from ..node import Node
     from ..pointers import PointerTensor
 
-__all__ = ["Worker", "VirtualWorker", "executing_on"]
+__all__ = ["Worker", "VirtualWorker", "executing_on", "as_federation"]
 
 # Requests that look at a node's store. Before one is sent, commands pending on the other
 # workers of the federation are waited for, so what the sync API shows follows program
@@ -37,22 +38,32 @@ _OBSERVING = frozenset({Kind.INFO, Kind.SEARCH})
 executing_on: ContextVar[Worker | None] = ContextVar("executing_on", default=None)
 
 
+def as_federation(hook: Any) -> Federation | None:
+    """The federation behind a worker constructor's first argument (a TorchHook or a Federation)."""
+    if hook is None or isinstance(hook, Federation):
+        return hook
+    federation = getattr(hook, "federation", None)
+    if not isinstance(federation, Federation):
+        raise TypeError(f"expected a TorchHook or a Federation, got {type(hook).__name__}")
+    return federation
+
+
 class Worker:
     """A handle to one node. Not built directly: use VirtualWorker or WebsocketClientWorker."""
 
     address: str | None = None
 
-    def __init__(self, hook: TorchHook | None, id: str, *, timeout: float | None = None) -> None:
+    def __init__(self, hook: Any, id: str, *, timeout: float | None = None) -> None:
         if not isinstance(id, str) or not id:
             raise ValueError(f"worker id must be a non-empty string, got {id!r}")
         self.id = id
-        self.hook = hook
+        self.federation: Federation | None = as_federation(hook)
         self.timeout = timeout
         self.session = Session(id)
         self.peers: dict[str, Worker] = {}
         self.is_client_worker = True  # seed attribute; fedws nodes always store objects
-        if hook is not None:
-            hook.register_worker(self)
+        if self.federation is not None:
+            self.federation.register(self)
 
     # -- moving frames (transport-specific) ----------------------------------------------
 
@@ -68,6 +79,34 @@ class Worker:
     def _kick_soon(self) -> None:
         """Like ``_kick`` but safe from ``__del__`` and other threads (may do nothing)."""
 
+    def flush(self) -> None:
+        """Send every queued request now."""
+        self._kick()
+
+    def flush_soon(self) -> None:
+        """Send queued requests shortly; safe from ``__del__`` and any thread."""
+        self._kick_soon()
+
+    def queue_delete(self, obj_id: int) -> None:
+        """Delete ``obj_id`` on the node with the next frame; safe from ``__del__``."""
+        self.session.queue_delete(obj_id)
+        self.flush_soon()
+
+    def ack_future(self, seq: int) -> Future[Any]:
+        """A future that completes once the node has run request ``seq`` (or failed it)."""
+        fut = self.session.ack_future(seq)
+        if not fut.done():
+            self.flush()
+        return fut
+
+    def error_of(self, seq: int) -> Exception | None:
+        """The remote error of request ``seq``, if it failed (and is still remembered)."""
+        return self.session.error_of(seq)
+
+    def call_timeout(self, timeout: float | None = None) -> float | None:
+        """The timeout a blocking call uses: ``timeout`` if given, else the worker's."""
+        return self.timeout if timeout is None else timeout
+
     # -- requests ------------------------------------------------------------------------
 
     def submit(self, kind: Kind, *fields: Any, want_value: bool = False) -> tuple[int, Future[Any] | None]:
@@ -78,28 +117,32 @@ class Worker:
 
     def request(self, kind: Kind, *fields: Any, timeout: float | None = None) -> Any:
         """Send a request that returns a value and block for it."""
-        if kind in _OBSERVING and self.hook is not None:
-            self.hook.settle(exclude=self, timeout=self._timeout(timeout))
+        if kind in _OBSERVING and self.federation is not None:
+            self.federation.settle(exclude=self, timeout=self.call_timeout(timeout))
         _, fut = self.submit(kind, *fields, want_value=True)
         assert fut is not None
-        return wait(fut, self._timeout(timeout), f"{Kind(kind).name.lower()} on worker {self.id!r}")
+        return wait(fut, self.call_timeout(timeout), f"{Kind(kind).name.lower()} on worker {self.id!r}")
 
     async def request_async(self, kind: Kind, *fields: Any, timeout: float | None = None) -> Any:
         _, fut = self.submit(kind, *fields, want_value=True)
         assert fut is not None
-        return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout(timeout))
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.call_timeout(timeout))
+        except TimeoutError:
+            raise FedwsTimeoutError(
+                f"{Kind(kind).name.lower()} on worker {self.id!r} did not finish within "
+                f"{self.call_timeout(timeout)} s"
+            ) from None
 
     def pointer_factory(self, ref: PointerRef) -> Any:
         """Turn a pointer that arrived in a reply into a live pointer."""
         owner = executing_on.get()
         if owner is not None:
             return owner.pointer_from_ref(ref)
-        if self.hook is None:
-            raise PointerError(f"received a pointer to {ref.location!r} but no hook is set")
-        return self.hook.local_worker.pointer_from_ref(ref)
+        local = self.federation.local_worker if self.federation is not None else None
+        if local is None:
+            raise PointerError(f"received a pointer to {ref.location!r} but worker {self.id!r} has no federation")
+        return local.pointer_from_ref(ref)
 
     # -- the user API --------------------------------------------------------------------
 
@@ -113,15 +156,29 @@ class Worker:
 
         The pointers do not own the data: dropping them never deletes it.
         """
-        from ..pointers import pointer_from_description
-
-        return [pointer_from_description(self, d) for d in self.request(Kind.SEARCH, list(tags))]
+        return [self._search_result(d) for d in self.request(Kind.SEARCH, list(tags))]
 
     async def search_async(self, *tags: str) -> list[PointerTensor]:
-        from ..pointers import pointer_from_description
-
         found = await self.request_async(Kind.SEARCH, list(tags))
-        return [pointer_from_description(self, d) for d in found]
+        return [self._search_result(d) for d in found]
+
+    def _search_result(self, d: list[Any]) -> PointerTensor:
+        """A pointer that does not own the object: dropping it never deletes the data."""
+        obj_id, _type, shape, dtype, rg = d[0], d[1], d[2], d[3], d[4]
+        return self._federation().make_pointer(  # type: ignore[no-any-return]
+            self, obj_id, shape=shape, dtype=dtype, requires_grad=rg, owner=self.owner, id=new_id(), owns=False
+        )
+
+    @property
+    def owner(self) -> Worker:
+        """Who owns the pointers this worker hands out: the federation's local worker."""
+        local = self.federation.local_worker if self.federation is not None else None
+        return local if local is not None else self
+
+    def _federation(self) -> Federation:
+        if self.federation is None:
+            raise PointerError(f"worker {self.id!r} belongs to no federation: it cannot make pointers")
+        return self.federation
 
     def objects_count_remote(self) -> int:
         """How many objects the node holds (after pending deletes are applied)."""
@@ -166,9 +223,7 @@ class Worker:
 
     def pointer_from_ref(self, ref: PointerRef) -> PointerTensor:
         """A pointer owned by this worker for a PointerRef that arrived here."""
-        from ..pointers import make_pointer
-
-        return make_pointer(
+        return self._federation().make_pointer(  # type: ignore[no-any-return]
             self.resolve_peer(ref.location),
             ref.id_at_location,
             shape=ref.shape,
@@ -200,7 +255,7 @@ class VirtualWorker(Worker):
 
     def __init__(
         self,
-        hook: TorchHook | None,
+        hook: Any,
         id: str,
         data: Iterable[Any] = (),
         *,
@@ -214,8 +269,6 @@ class VirtualWorker(Worker):
         self.node: Node = Node(id, max_store_bytes=max_bytes, pointer_factory=self._arriving_pointer)
         self._in_kick = False
         for obj in data:
-            from ..protocol.ids import new_id
-
             self.store(
                 obj,
                 obj_id=new_id(),

@@ -31,9 +31,10 @@ from ..protocol.errors import error_from_wire, error_to_wire
 from ..protocol.ids import planned_result_ids
 from ..protocol.messages import FRAME_ERROR_SEQ, Kind
 from ..protocol.ops import resolve
+from .interpreter import TENSOR_FEDWS_OPS, run_plan, store_plan
 from .store import Failure, ObjectStore
 
-__all__ = ["Node", "TENSOR_FEDWS_OPS"]
+__all__ = ["Node"]
 
 log = logging.getLogger("fedws.node")
 
@@ -293,7 +294,7 @@ class Node:
         shape: list[int] | None = None
         dtype, rg = "float32", False
         if isinstance(obj, torch.Tensor):
-            shape, dtype, rg = list(obj.shape), codec._DTYPE_NAMES[obj.dtype], obj.requires_grad
+            shape, dtype, rg = list(obj.shape), codec.DTYPE_NAMES[obj.dtype], obj.requires_grad
         return [
             obj_id,
             type(obj).__name__,
@@ -327,14 +328,10 @@ class Node:
         return _NO_VALUE
 
     def _run_plan(self, msg: list[Any]) -> Any:
-        from ..plans.runner import run_plan  # the plans package owns plan semantics
-
         run_plan(self, msg)
         return _NO_VALUE
 
     def _store_plan(self, msg: list[Any]) -> Any:
-        from ..plans.runner import store_plan
-
         store_plan(self, msg)
         return _NO_VALUE
 
@@ -360,19 +357,7 @@ def _recorder(seen: list[PointerRef]) -> Callable[[PointerRef], PointerRef]:
     return record
 
 
-def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:
-    tensor.grad = grad
-
-
-def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
-    tensor.data = data
-
-
-# fedws ops that act on tensors alone, no node state: plans run them anywhere (locally too).
-TENSOR_FEDWS_OPS: dict[str, Callable[..., Any]] = {"fedws.set_grad": _set_grad, "fedws.set_data": _set_data}
-
-
 def _meta(obj: Any) -> list[Any]:
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"object is a {type(obj).__name__}, not a tensor")
-    return [list(obj.shape), codec._DTYPE_NAMES[obj.dtype], obj.requires_grad]
+    return [list(obj.shape), codec.DTYPE_NAMES[obj.dtype], obj.requires_grad]

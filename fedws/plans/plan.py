@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..protocol.ids import new_id
-from .code import OutSpec, PlanCode
-from .runner import execute, flat_tensors
+from ..protocol.plan import OutSpec, PlanCode
+from ..node.interpreter import execute, flat_tensors
 from .state import State
 from .trace import trace
 
@@ -210,10 +210,7 @@ class Plan(nn.Module):
     # -- display --------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        from ..hook import current_hook
-
-        hook = current_hook()
-        owner = hook.local_worker.id if hook is not None else "me"
+        owner = "me"
         status = f"built, {len(self._code.ops)} ops" if self._code is not None else "not built"
         head = f"<Plan {self._plan_name} id:{self.plan_id} owner:{owner} {status}>"
         if next(self.children(), None) is not None:

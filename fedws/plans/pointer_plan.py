@@ -15,7 +15,7 @@ from ..protocol.messages import Kind
 
 if TYPE_CHECKING:
     from ..client.worker import Worker
-    from .code import PlanCode
+    from ..protocol.plan import PlanCode
     from .plan import Plan
 
 __all__ = ["PointerPlan", "MultiPointerPlan", "send_plan"]
@@ -25,8 +25,7 @@ def send_plan(plan: Plan, code: PlanCode, worker: Worker) -> PointerPlan:
     """Store ``plan`` (its code and current state) on ``worker``; one STORE_PLAN message."""
     plan_id = new_id()
     seq, _ = worker.submit(Kind.STORE_PLAN, plan_id, code.to_wire(plan._state_tensors))
-    owner = worker.hook.local_worker if worker.hook is not None else worker
-    return PointerPlan(plan, worker, plan_id, seq=seq, owner=owner)
+    return PointerPlan(plan, worker, plan_id, seq=seq, owner=worker.owner)
 
 
 class PointerPlan(RemoteResult):

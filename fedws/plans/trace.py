@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 from ..exceptions import OpNotAllowedError
 from ..protocol.codec import ObjRef
 from ..protocol.ops import op_name
-from .code import Op, PlanCode
-from .runner import flat_outputs, flat_tensors
+from ..protocol.plan import Op, PlanCode
+from ..node.interpreter import flat_outputs, flat_tensors
 
 __all__ = ["trace", "TraceResult"]
 

@@ -39,6 +39,7 @@ __all__ = [
     "decode",
     "iter_blobs",
     "DTYPES",
+    "DTYPE_NAMES",
 ]
 
 _HEAD = struct.Struct("<IIQ")
@@ -67,7 +68,7 @@ for _name in dir(torch):
     _val = getattr(torch, _name, None)
     if isinstance(_val, torch.dtype):
         DTYPES.setdefault(str(_val).removeprefix("torch."), _val)
-_DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
 # Non-tensor torch constants that appear as op arguments.
 _CONSTS: dict[str, Any] = {
@@ -178,7 +179,7 @@ class _Encoder:
                 ),
             )
         if isinstance(obj, torch.dtype):
-            return msgpack.ExtType(EXT_DTYPE, _DTYPE_NAMES[obj].encode())
+            return msgpack.ExtType(EXT_DTYPE, DTYPE_NAMES[obj].encode())
         if isinstance(obj, slice):
             return msgpack.ExtType(EXT_SLICE, self.pack([obj.start, obj.stop, obj.step]))
         if obj is Ellipsis:
@@ -232,7 +233,7 @@ class _Encoder:
                 self.buffers.append(memoryview(raw).cast("B"))  # type: ignore[arg-type]
             self.offset += nbytes
         return [
-            _DTYPE_NAMES[data.dtype],
+            DTYPE_NAMES[data.dtype],
             list(data.shape),
             bool(t.requires_grad),
             offset,

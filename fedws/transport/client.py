@@ -16,13 +16,12 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import torch
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from ..client.io_thread import IOThread, in_io_thread, wait
-from ..client.worker import Worker
+from ..client.worker import Worker, as_federation
 from ..exceptions import (
     AuthenticationError,
     ConnectionLostError,
@@ -81,11 +80,6 @@ class WebsocketClientWorker(Worker):
         ping_interval: float | None = 10.0,
         connect: bool = True,
     ) -> None:
-        if hook is None:
-            from ..hook import TorchHook, current_hook
-
-            # Connecting is enough to start: make the federation's hook if there is none.
-            hook = current_hook() or TorchHook(torch)
         if url is None:
             url = f"{'wss' if secure or ssl else 'ws'}://{host}:{port}"
         parts = urlsplit(url)
@@ -93,7 +87,7 @@ class WebsocketClientWorker(Worker):
             raise ValueError(f"not a WebSocket URL: {url!r} (expected ws://host:port)")
         self._expected_id = id
         super().__init__(None, id or url, timeout=timeout)
-        self.hook = hook
+        self.federation = as_federation(hook)
         self.address = url
         self.token = token
         self.connect_timeout = connect_timeout
@@ -170,8 +164,8 @@ class WebsocketClientWorker(Worker):
         self._ws = ws
         self._closing = False
         self._wake = asyncio.Event()
-        if self.hook is not None:
-            self.hook.register_worker(self)
+        if self.federation is not None:
+            self.federation.register(self)
         self._tasks = [
             asyncio.create_task(self._writer(ws)),
             asyncio.create_task(self._reader(ws)),
@@ -344,13 +338,21 @@ def connect(url: str, token: str | None = None, *, hook: TorchHook | None = None
         >>> with sy.connect("ws://127.0.0.1:8777") as alice:
         ...     print(torch.ones(2).send(alice).get())
     """
-    return WebsocketClientWorker(hook, url=url, token=token, **kwargs)
+    return WebsocketClientWorker(_federation_of(hook), url=url, token=token, **kwargs)
 
 
 async def connect_async(
     url: str, token: str | None = None, *, hook: TorchHook | None = None, **kwargs: Any
 ) -> WebsocketClientWorker:
     """``await sy.connect_async(url)``: connect without blocking the caller's loop."""
-    worker = WebsocketClientWorker(hook, url=url, token=token, connect=False, **kwargs)
+    worker = WebsocketClientWorker(_federation_of(hook), url=url, token=token, connect=False, **kwargs)
     await asyncio.wrap_future(worker._io.submit(worker._connect()))
     return worker
+
+
+def _federation_of(hook: Any) -> Any:
+    if hook is not None:
+        return hook
+    from ..hook import default_federation  # connecting is enough to start
+
+    return default_federation()

@@ -22,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..client.federation import Federation
 from ..client.worker import VirtualWorker, executing_on
 from ..protocol.codec import peek_kinds
 from ..protocol.ids import new_id
@@ -59,7 +60,7 @@ class NodeServer:
         from ..hook import TorchHook
 
         self.config = config
-        self.hook = TorchHook(torch)
+        self.hook = TorchHook(torch, federation=Federation())
         self.worker = VirtualWorker(self.hook, id=config.id, max_store_mb=config.max_store_mb)
         self.worker.node.add_peer = self._add_peer
         self.peer_timeout = peer_timeout
@@ -121,7 +122,7 @@ class NodeServer:
             session = peer.session
             if session.pending:
                 fut = session.ack_future(session.last_seq)
-                peer._kick()
+                peer.flush()
                 try:
                     fut.result(self.peer_timeout)
                 except Exception:  # the peer's error surfaces where its result is used

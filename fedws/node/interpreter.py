@@ -15,17 +15,31 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..exceptions import DependencyError, FedwsError, PlanError
-from ..node.node import TENSOR_FEDWS_OPS
-from ..node.store import Failure
 from ..protocol.codec import ObjRef
 from ..protocol.errors import error_to_wire
 from ..protocol.ops import resolve
-from .code import PlanCode
+from ..protocol.plan import PlanCode
+from .store import Failure
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
-__all__ = ["execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan"]
+__all__ = [
+    "execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "local_resolver",
+    "TENSOR_FEDWS_OPS",
+]
+
+
+def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:
+    tensor.grad = grad
+
+
+def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    tensor.data = data
+
+
+# fedws ops that act on tensors alone, no node state: plans run them anywhere (locally too).
+TENSOR_FEDWS_OPS: dict[str, Callable[..., Any]] = {"fedws.set_grad": _set_grad, "fedws.set_data": _set_data}
 
 
 def local_resolver(name: str) -> Callable[..., Any] | None:

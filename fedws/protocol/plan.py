@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..exceptions import DecodeError, OpNotAllowedError
-from ..protocol.codec import _DTYPE_NAMES, DTYPES, ObjRef
+from ..protocol.codec import DTYPE_NAMES, DTYPES, ObjRef
 from ..protocol.ops import FEDWS_OPS, OPS
 
 __all__ = ["Op", "PlanCode", "OutSpec"]
@@ -67,7 +67,7 @@ class PlanCode:
             "ops": [[op.name, op.args, op.kwargs, op.results, op.grad] for op in self.ops],
             "outputs": self.outputs,
             "single": self.single,
-            "out_specs": [[list(s), _DTYPE_NAMES[d], rg] for s, d, rg in self.out_specs],
+            "out_specs": [[list(s), DTYPE_NAMES[d], rg] for s, d, rg in self.out_specs],
         }
 
     @classmethod
