@@ -44,7 +44,7 @@ def default_federation() -> Federation:
 
 def current_federation() -> Federation | None:
     """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``), or None."""
-    return _latest
+    return _latest if _latest is not None else _default
 
 
 def _complete(federation: Federation) -> Federation:
