@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff check fedws tests bench examples
 
 types: $(STAMP)
-	$(PYTHON) -m mypy fedws
+	$(PYTHON) -m mypy --strict fedws
 
 coverage: $(STAMP)
 	$(PYTHON) -m pip install -q coverage

@@ -81,11 +81,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "local_worker":  # the default federation's worker "me", as in the seed
-        from .hook import current_federation
+    if name == "local_worker":  # the latest hook's worker "me" (the default federation's), as in the seed
+        from .hook import current_federation, default_federation
 
-        federation = current_federation()
-        if federation is None or federation.local_worker is None:
-            raise AttributeError("fedws.local_worker exists once sy.TorchHook(torch) was called")
+        federation = current_federation() or default_federation()
         return federation.local_worker
     raise AttributeError(f"module 'fedws' has no attribute {name!r}")
