@@ -115,8 +115,12 @@ class TorchHook:
 
 @overload
 def send_tensor(tensor: torch.Tensor, worker: Worker, /) -> PointerTensor: ...
+
+
 @overload
 def send_tensor(tensor: torch.Tensor, w1: Worker, w2: Worker, /, *more: Worker) -> MultiPointerTensor: ...
+
+
 def send_tensor(tensor: torch.Tensor, *workers: Worker) -> PointerTensor | MultiPointerTensor:
     """Send ``tensor`` to one worker (a pointer) or several (a MultiPointerTensor).
 
