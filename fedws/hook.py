@@ -10,15 +10,23 @@ from __future__ import annotations
 import copy
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
 
 from .client.federation import Federation
+from .client.io_thread import wait
 from .client.worker import VirtualWorker, Worker
-from .exceptions import FedwsError, PointerError
-from .pointers import MultiPointerTensor, PointerParameter, PointerTensor, make_pointer
+from .exceptions import PointerError
+from .pointers import (
+    MultiPointerTensor,
+    PointerParameter,
+    PointerTensor,
+    make_pointer,
+    parameter_to_pointer,
+    pointer_to_parameter,
+)
 from .protocol.ids import new_id
 from .protocol.messages import Kind
 
@@ -105,6 +113,14 @@ class TorchHook:
 # -- Tensor methods -----------------------------------------------------------------------
 
 
+@overload
+def send_tensor(tensor: torch.Tensor, worker: Worker, /) -> PointerTensor: ...
+
+
+@overload
+def send_tensor(tensor: torch.Tensor, w1: Worker, w2: Worker, /, *more: Worker) -> MultiPointerTensor: ...
+
+
 def send_tensor(tensor: torch.Tensor, *workers: Worker) -> PointerTensor | MultiPointerTensor:
     """Send ``tensor`` to one worker (a pointer) or several (a MultiPointerTensor).
 
@@ -174,35 +190,11 @@ def module_send(module: nn.Module, worker: Worker) -> nn.Module:
     for m in module.modules():
         for _name, local in list(m._parameters.items()):
             if local is not None:
-                _param_to_pointer(local, worker)
+                parameter_to_pointer(local, worker)
         for name, buf in list(m._buffers.items()):
             if buf is not None and not isinstance(buf, PointerTensor):
                 m._buffers[name] = _send_one(buf, worker)
     return module
-
-
-def _param_to_pointer(param: nn.Parameter, worker: Worker) -> None:
-    remote_id = new_id()
-    seq = worker.store(param, obj_id=remote_id)
-    shape, dtype, rg = tuple(param.shape), param.dtype, param.requires_grad
-    local_class = type(param)
-    param.grad = None
-    # Keep the object, drop its memory: a zero-stride shell of the right shape.
-    param.data = torch.empty_strided(shape, [0] * len(shape), dtype=dtype)
-    param.__class__ = PointerParameter
-    from .pointers import _attach
-
-    _attach(param, worker, remote_id, worker.owner, new_id(), seq, True, (shape, dtype, rg))
-    param.__dict__["_local_class"] = local_class
-
-
-def _pointer_to_param(param: PointerParameter, value: torch.Tensor) -> None:
-    local_class = param.__dict__.pop("_local_class", nn.Parameter)
-    for key in ("location", "id_at_location", "id", "owner", "_seq", "_sig", "_ownership", "_gotten"):
-        param.__dict__.pop(key, None)
-    param.__class__ = local_class
-    param.data = value.detach()
-    param.grad = value.grad
 
 
 def module_get(module: nn.Module) -> nn.Module:
@@ -211,7 +203,7 @@ def module_get(module: nn.Module) -> nn.Module:
     for m in module.modules():
         for name, param in m._parameters.items():
             if isinstance(param, PointerParameter):
-                param._check_live()
+                param.check_live()
                 _, fut = param.location.submit(Kind.GET, param.id_at_location, True, want_value=True)
                 assert fut is not None  # want_value=True always gives a future
                 pending.append(("p", m, name, param, fut))
@@ -220,15 +212,12 @@ def module_get(module: nn.Module) -> nn.Module:
                 _, fut = buf.location.submit(Kind.GET, buf.id_at_location, True, want_value=True)
                 assert fut is not None
                 pending.append(("b", m, name, buf, fut))
-    from .client.io_thread import wait
-
     for kind, m, name, ptr, fut in pending:  # all requests are out: one round trip in all
         value = wait(fut, ptr.location.call_timeout(), f"get of {name}")
-        ptr._raise_if_last_op_failed(value)
-        ptr._mark_gotten()
+        ptr.finish_get(value)
         if kind == "p":
             assert isinstance(ptr, PointerParameter)
-            _pointer_to_param(ptr, value)
+            pointer_to_parameter(ptr, value)
         else:
             m._buffers[name] = value
     return module
@@ -248,12 +237,8 @@ def module_move(module: nn.Module, worker: Worker) -> nn.Module:
                     raise PointerError("move() needs a sent module; use send() for a local one")
                 if ptr.location is worker:
                     continue
-                moved = ptr.move(worker)
                 # Re-point the same object, so optimizers holding it follow the move.
-                d = ptr.__dict__
-                d["location"], d["id_at_location"], d["_seq"] = worker, moved.id_at_location, moved._seq
-                d["_ownership"], moved.__dict__["_ownership"] = moved._ownership, d["_ownership"]
-                moved.__dict__["_ownership"].active = False
+                ptr.take_over(ptr.move(worker))
     return module
 
 

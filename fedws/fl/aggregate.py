@@ -1,9 +1,11 @@
 """FedAvg as pure functions: state dicts and sample counts in, one state dict out.
 
 Nothing here does I/O or knows about workers, so the arithmetic of federated averaging is
-tested on its own (``tests/test_fl_aggregate.py``) and reused by every way of training:
-on the coordinator, or on a trusted aggregator worker (:mod:`fedws.fl.trusted`), where
-:func:`fedavg_weights` says how much each update counts.
+tested on its own (``tests/fl/test_fl_aggregate.py``) and reused by every way of
+training: on the coordinator, or on a trusted aggregator worker (:mod:`fedws.fl.trusted`).
+Both run the same :func:`weighted_average` — on local tensors here, on pointers there (a
+pointer is a tensor whose ops run on its node) — so both give the same model, down to how
+a tie rounds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["StateDict", "Update", "fedavg", "fedavg_weights", "validate_updates"]
+__all__ = ["StateDict", "Update", "fedavg", "fedavg_weights", "validate_updates", "weighted_average"]
 
 StateDict = Mapping[str, torch.Tensor]
 Update = tuple[StateDict, int]
@@ -94,17 +96,40 @@ def fedavg(updates: Sequence[Update]) -> dict[str, torch.Tensor]:
     validate_updates(updates)
     weights = fedavg_weights([n for _, n in updates])
     first, _ = updates[0]
-    out: dict[str, torch.Tensor] = {}
-    for key, ref in first.items():
-        wide = torch.complex128 if ref.dtype.is_complex else torch.float64
-        acc = torch.zeros(ref.shape, dtype=wide)
-        for (state, _n), w in zip(updates, weights):
-            if w:
-                acc += state[key].detach().to(wide) * w
-        if ref.dtype.is_floating_point or ref.dtype.is_complex:
-            out[key] = acc.to(ref.dtype)
-        elif ref.dtype == torch.bool:
-            out[key] = acc >= 0.5
-        else:
-            out[key] = acc.round().to(ref.dtype)
-    return out
+    return {key: weighted_average([state[key] for state, _n in updates], weights) for key in first}
+
+
+def weighted_average(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum(w * v)`` computed wide and cast back to the dtype of ``values[0]``.
+
+    The sum runs in float64 (complex128 for complex entries), so it does not depend on the
+    order of the updates beyond rounding. Cast back: floating and complex entries as they
+    are; integers rounded half to even (``torch.round``); bools by majority, a 0.5 tie
+    counting as True (``sum >= 0.5``). Terms with weight 0 are skipped, so a node that
+    trained on nothing cannot bring a NaN in.
+
+    Only tensor ops are used, so ``values`` may be pointers on one worker: the trusted
+    aggregator averages there with this very function.
+
+    Args:
+        values: one tensor per update, same shape and dtype (see :func:`validate_updates`).
+        weights: one weight per update, from :func:`fedavg_weights`.
+
+    Example:
+        >>> weighted_average([torch.tensor([True]), torch.tensor([False])], [0.5, 0.5])
+        tensor([True])
+    """
+    dtype = values[0].dtype
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    total: torch.Tensor | None = None
+    for value, w in zip(values, weights):
+        if w:
+            term = value.detach().to(wide) * w
+            total = term if total is None else total + term
+    if total is None:
+        raise ValueError("weighted_average: every weight is 0")
+    if dtype.is_floating_point or dtype.is_complex:
+        return total.to(dtype)
+    if dtype == torch.bool:
+        return total >= 0.5
+    return total.round().to(dtype)

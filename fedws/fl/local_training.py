@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -173,7 +173,7 @@ def build_training_plan(
     ) -> torch.Tensor:
         # ``params`` and ``buffers`` are ``net``'s own tensors while tracing: net(...) reads them.
         loss = loss_fn(net(x[idx]), y[idx])
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves backward untyped
         with torch.no_grad():
             for p in trainable:
                 step = p.grad
@@ -231,7 +231,7 @@ class TrainingPlans:
                 model, loss_fn, lr=config.lr, momentum=config.momentum, x_like=x_like, y_like=y_like
             )
             self._built[key] = plan
-        pointer = cast(PointerPlan, plan.send(worker))
+        pointer = plan.send(worker)
         self._sent[worker.id] = (key, pointer)
         self._prune()
         return pointer

@@ -3,8 +3,9 @@
 Each node's trained parameters move node to node to the aggregator (``model.move``), the
 weighted average is computed there, and only the average is fetched. The coordinator
 never receives an individual node's update, so it cannot study one node's gradients.
-The weights are the same as :func:`fedws.fl.aggregate.fedavg`'s, so both ways of
-averaging give the same model.
+The average is :func:`fedws.fl.aggregate.weighted_average`, the function
+:func:`~fedws.fl.aggregate.fedavg` uses, run here on pointers: both ways of averaging give
+the same model.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import torch
-
 from ..client.worker import Worker
+from ..pointers import PointerTensor
 from . import remote
-from .aggregate import fedavg_weights
+from .aggregate import fedavg_weights, weighted_average
 from .local_training import LocalRun
 
 __all__ = ["connect_aggregator", "start_trusted_average"]
@@ -45,14 +45,7 @@ def start_trusted_average(runs: Sequence[LocalRun], aggregator: Worker) -> tuple
     keys = list(states[0])
     futures: list[Future[Any]] = []
     for key in keys:
-        dtype = states[0][key].dtype
-        wide = torch.complex128 if dtype.is_complex else torch.float64
-        total = None
-        for state, w in zip(states, weights):
-            term = state[key].detach().to(wide) * w
-            total = term if total is None else total + term
-        assert total is not None
-        if not (dtype.is_floating_point or dtype.is_complex):
-            total = total.round()
-        futures.append(remote.fetch_nowait(total.to(dtype)))
+        average = weighted_average([state[key] for state in states], weights)
+        assert isinstance(average, PointerTensor)  # ops on pointers return pointers
+        futures.append(remote.fetch_nowait(average))
     return keys, futures

@@ -8,25 +8,25 @@ any number of workers and run there with one message per call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
 
-from ..protocol.ids import new_id
-from ..protocol.plan import OutSpec, PlanCode
 from ..node.interpreter import execute, flat_tensors
+from ..pointers import PointerTensor
+from ..protocol.ids import new_id
+from ..protocol.plan import PlanCode
+from ..protocol.tree import tree_leaves
+from .pointer_plan import MultiPointerPlan, PointerPlan, send_plan
+from .signature import PlanSignature, TensorSig, input_sigs
 from .state import State
 from .trace import trace
 
 if TYPE_CHECKING:
     from ..client.worker import Worker
-    from .pointer_plan import MultiPointerPlan, PointerPlan
 
-__all__ = ["Plan", "func2plan"]
-
-# (shape, dtype, requires_grad) of each input tensor; shape None when not known.
-InSig = tuple[tuple[tuple[int, ...] | None, torch.dtype, bool], ...]
+__all__ = ["Plan", "func2plan", "mock_args"]
 
 
 class Plan(nn.Module):
@@ -69,8 +69,7 @@ class Plan(nn.Module):
         self.plan_id = new_id()
         self._code: PlanCode | None = None
         self._state_tensors: list[torch.Tensor] = []
-        self._input_sigs: InSig = ()
-        self._spec_cache: dict[InSig, list[tuple[tuple[int, ...] | None, torch.dtype, bool]]] = {}
+        self._signature: PlanSignature | None = None
         self._sent: dict[str, PointerPlan] = {}
         if args_shape is not None:
             self.build(*mock_args(args_shape))
@@ -96,8 +95,7 @@ class Plan(nn.Module):
         result = trace(fn, args, state, name=self._plan_name, extra_args=extra)
         self._code = result.code
         self._state_tensors = result.state
-        self._input_sigs = _sigs(args)
-        self._spec_cache = {}
+        self._signature = PlanSignature(result.code, result.state, input_sigs(args))
         self._sent = {}
         return result.outputs
 
@@ -115,6 +113,25 @@ class Plan(nn.Module):
             return self._user_state
         return State([*self.parameters(), *self.buffers()])
 
+    @property
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The built plan's state tensors, in register order (user state, then captured).
+
+        Empty before :meth:`build`. This is what :meth:`send` ships with the code.
+        """
+        return list(self._state_tensors)
+
+    @property
+    def signature(self) -> PlanSignature:
+        """The built plan's arity, code and state specs (what a PointerPlan holds).
+
+        Raises:
+            RuntimeError: the plan is not built yet.
+        """
+        self._built_code()
+        assert self._signature is not None
+        return self._signature
+
     def _built_code(self) -> PlanCode:
         if self._code is None:
             raise RuntimeError(
@@ -125,6 +142,12 @@ class Plan(nn.Module):
 
     # -- sending and calling --------------------------------------------------------------
 
+    @overload
+    def send(self, worker: Worker, /) -> PointerPlan: ...
+
+    @overload
+    def send(self, w1: Worker, w2: Worker, /, *more: Worker) -> MultiPointerPlan: ...
+
     def send(self, *workers: Worker) -> PointerPlan | MultiPointerPlan:
         """Send the built plan (with its current state) to one or several workers.
 
@@ -134,12 +157,10 @@ class Plan(nn.Module):
         Raises:
             RuntimeError: the plan is not built yet.
         """
-        from .pointer_plan import MultiPointerPlan, send_plan
-
-        code = self._built_code()
+        signature = self.signature
         if not workers:
             raise TypeError("send() needs at least one worker")
-        pointers = [send_plan(self, code, w) for w in workers]
+        pointers = [send_plan(signature, self._state_tensors, w) for w in workers]
         for p in pointers:
             self._sent[p.location.id] = p
         return pointers[0] if len(pointers) == 1 else MultiPointerPlan(pointers)
@@ -149,14 +170,12 @@ class Plan(nn.Module):
 
         An unbuilt plan is built on these arguments first.
         """
-        from ..pointers import PointerTensor
-
-        location = next((a.location for a in _leaves(args) if isinstance(a, PointerTensor)), None)
+        location = next((a.location for a in tree_leaves(args) if isinstance(a, PointerTensor)), None)
         if location is not None:
             sent = self._sent.get(location.id)
             if sent is None or sent.location is not location:
-                sent = self.send(location)  # type: ignore[assignment]
-            return sent(*args)  # type: ignore[misc]
+                sent = self.send(location)
+            return sent(*args)
         if self._code is None:
             self.build(*args)
         code = self.check_args(args)
@@ -165,47 +184,16 @@ class Plan(nn.Module):
 
     def check_args(self, args: Sequence[Any]) -> PlanCode:
         """Raise TypeError unless ``args`` fit the plan; return its code."""
-        code = self._built_code()
-        if len(args) != code.n_args:
-            raise TypeError(
-                f"plan {self._plan_name!r} takes {code.n_args} argument{'s' if code.n_args != 1 else ''}, "
-                f"got {len(args)}"
-            )
-        n = len(flat_tensors(list(args)))
-        if n != code.n_inputs:
-            raise TypeError(f"plan {self._plan_name!r} takes {code.n_inputs} tensors in its arguments, got {n}")
-        return code
+        self.signature.check_args(args)
+        return self._built_code()
 
-    def output_specs(self, args: Sequence[Any]) -> list[tuple[tuple[int, ...] | None, torch.dtype, bool]]:
+    def output_specs(self, args: Sequence[Any]) -> list[TensorSig]:
         """Shapes and dtypes the outputs will have for ``args``, worked out locally.
 
-        Inputs shaped as at build time reuse the traced shapes; others run the plan on meta
-        tensors (no data, no node). A shape that cannot be worked out is None.
+        See :meth:`PlanSignature.output_specs`: inputs shaped as at build time reuse the
+        traced shapes, others run the plan on meta tensors; an unknown shape is None.
         """
-        code = self._built_code()
-        sigs = _sigs(args)
-        traced: list[OutSpec] = code.out_specs
-        if sigs == self._input_sigs:
-            return [(s, d, rg) for s, d, rg in traced]
-        cached = self._spec_cache.get(sigs)
-        if cached is not None:
-            return cached
-        unknown: list[tuple[tuple[int, ...] | None, torch.dtype, bool]] = [(None, d, rg) for _, d, rg in traced]
-        specs: list[tuple[tuple[int, ...] | None, torch.dtype, bool]] = unknown
-        if all(s is not None for s, _, _ in sigs):
-            try:
-                inputs = [_meta(s, d, rg) for s, d, rg in sigs]  # type: ignore[arg-type]
-                state = [_meta(tuple(t.shape), t.dtype, t.requires_grad) for t in self._state_tensors]
-                outs = execute(code, inputs, state)
-                specs = [
-                    (tuple(o.shape), o.dtype, bool(o.requires_grad)) if isinstance(o, torch.Tensor) else u
-                    for o, u in zip(outs, unknown)
-                ]
-            except Exception:
-                specs = unknown
-        if len(self._spec_cache) < 256:
-            self._spec_cache[sigs] = specs
-        return specs
+        return self.signature.output_specs(args)
 
     # -- display --------------------------------------------------------------------------
 
@@ -250,29 +238,3 @@ def func2plan(
 def mock_args(args_shape: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Tensors of ones shaped like ``args_shape`` (-1 becomes 1)."""
     return [torch.ones([1 if d == -1 else int(d) for d in shape]) for shape in args_shape]
-
-
-def _leaves(obj: Any) -> list[Any]:
-    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Tensor):
-        return [x for o in obj for x in _leaves(o)]
-    if isinstance(obj, dict):
-        return [x for o in obj.values() for x in _leaves(o)]
-    return [obj]
-
-
-def _sigs(args: Sequence[Any]) -> InSig:
-    out: list[tuple[tuple[int, ...] | None, torch.dtype, bool]] = []
-    for t in flat_tensors(list(args)):
-        sig = t.__dict__.get("_sig", False) if hasattr(t, "id_at_location") else False
-        if sig is False:
-            out.append((tuple(t.shape), t.dtype, bool(t.requires_grad)))
-        elif sig is None:
-            out.append((None, t._dtype(), False))  # type: ignore[attr-defined]
-        else:
-            out.append((tuple(sig[0]), sig[1], bool(sig[2])))  # type: ignore[index]
-    return tuple(out)
-
-
-def _meta(shape: tuple[int, ...], dtype: torch.dtype, rg: bool) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device="meta")
-    return t.requires_grad_(rg) if rg and (dtype.is_floating_point or dtype.is_complex) else t

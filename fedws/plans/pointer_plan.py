@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..exceptions import LocationError
-from ..pointers import MultiPointerTensor, PointerTensor, RemoteResult, _Ownership, _take_ids, make_pointer
+from ..pointers import (
+    MultiPointerTensor,
+    Ownership,
+    PointerTensor,
+    RemoteResult,
+    make_pointer,
+    take_result_ids,
+)
 from ..protocol.codec import ObjRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
+from ..protocol.tree import tree_map
+from .signature import PlanSignature
 
 if TYPE_CHECKING:
     from ..client.worker import Worker
-    from ..protocol.plan import PlanCode
-    from .plan import Plan
 
 __all__ = ["PointerPlan", "MultiPointerPlan", "send_plan"]
 
 
-def send_plan(plan: Plan, code: PlanCode, worker: Worker) -> PointerPlan:
-    """Store ``plan`` (its code and current state) on ``worker``; one STORE_PLAN message."""
+def send_plan(signature: PlanSignature, state: Sequence[torch.Tensor], worker: Worker) -> PointerPlan:
+    """Store a plan (its code and ``state``) on ``worker``; one STORE_PLAN message."""
     plan_id = new_id()
-    seq, _ = worker.submit(Kind.STORE_PLAN, plan_id, code.to_wire(plan._state_tensors))
-    return PointerPlan(plan, worker, plan_id, seq=seq, owner=worker.owner)
+    seq, _ = worker.submit(Kind.STORE_PLAN, plan_id, signature.code.to_wire(list(state)))
+    return PointerPlan(signature, worker, plan_id, seq=seq, owner=worker.owner)
 
 
 class PointerPlan(RemoteResult):
@@ -38,17 +45,19 @@ class PointerPlan(RemoteResult):
     Attributes:
         location: the worker holding the plan.
         id_at_location: the plan's id there.
-        plan: the local :class:`Plan` it was sent from (for output shapes).
+        signature: the plan's arity, code and state specs (for checks and output shapes).
     """
 
-    def __init__(self, plan: Plan, location: Worker, id_at_location: int, *, seq: int, owner: Worker) -> None:
-        self.plan = plan
+    def __init__(
+        self, signature: PlanSignature, location: Worker, id_at_location: int, *, seq: int, owner: Worker
+    ) -> None:
+        self.signature = signature
         self.location = location
         self.id_at_location = id_at_location
         self.id = new_id()
         self.owner = owner
-        self._seq = seq
-        self._ownership = _Ownership(location, id_at_location, True)
+        self.seq = seq
+        self.ownership = Ownership(location, id_at_location, True)
 
     def __call__(self, *args: Any) -> PointerTensor | tuple[PointerTensor, ...]:
         """Run the plan on the worker: one message; returns result pointer(s) at once.
@@ -57,16 +66,34 @@ class PointerPlan(RemoteResult):
             TypeError: wrong number of arguments (the message gives the expected count).
             LocationError: a pointer argument lives on another worker.
         """
-        code = self.plan.check_args(args)
-        wire = [_wire(a, self.location) for a in args]
-        specs = self.plan.output_specs(args)
-        ids = _take_ids(len(specs))
-        seq, _ = self.location.submit(Kind.RUN_PLAN, self.id_at_location, wire, ids)
-        ptrs: tuple[PointerTensor, ...] = tuple(  # type: ignore[misc]
-            make_pointer(self.location, rid, shape=s, dtype=d, requires_grad=rg, owner=self.owner, seq=seq)
+        signature = self.signature
+        signature.check_args(args)
+        location = self.location
+
+        def wire(leaf: Any) -> Any:
+            if isinstance(leaf, PointerTensor):
+                leaf.check_live()
+                if leaf.location is not location:
+                    raise LocationError(
+                        f"{leaf!r} is on worker {leaf.location.id!r} but the plan is on worker "
+                        f"{location.id!r}; send the plan there or move the data (ptr.move(worker))"
+                    )
+                return ObjRef(leaf.id_at_location)
+            if isinstance(leaf, MultiPointerTensor):
+                raise LocationError(
+                    "a PointerPlan runs on one worker; call a MultiPointerPlan with a MultiPointerTensor"
+                )
+            return leaf  # a local tensor or a plain value travels inline with the call
+
+        wire_args = tree_map(wire, list(args))
+        specs = signature.output_specs(args)
+        ids = take_result_ids(len(specs))
+        seq, _ = location.submit(Kind.RUN_PLAN, self.id_at_location, wire_args, ids)
+        ptrs = tuple(
+            make_pointer(location, rid, shape=s, dtype=d, requires_grad=rg, owner=self.owner, seq=seq)
             for rid, (s, d, rg) in zip(ids, specs)
         )
-        return ptrs[0] if code.single else ptrs
+        return ptrs[0] if signature.single else ptrs
 
     def __repr__(self) -> str:
         owner = getattr(self.owner, "id", self.owner)
@@ -113,25 +140,3 @@ def _for_worker(arg: Any, wid: str) -> Any:
     if isinstance(arg, dict):
         return arg[wid]
     return arg
-
-
-def _wire(obj: Any, location: Worker) -> Any:
-    if isinstance(obj, PointerTensor):
-        obj._check_live()
-        if obj.location is not location:
-            raise LocationError(
-                f"{obj!r} is on worker {obj.location.id!r} but the plan is on worker "
-                f"{location.id!r}; send the plan there or move the data (ptr.move(worker))"
-            )
-        return ObjRef(obj.id_at_location)
-    if isinstance(obj, MultiPointerTensor):
-        raise LocationError("a PointerPlan runs on one worker; call a MultiPointerPlan with a MultiPointerTensor")
-    t = type(obj)
-    if t is list or t is tuple:
-        out = [_wire(x, location) for x in obj]
-        return out if t is list else tuple(out)
-    if t is dict:
-        return {k: _wire(v, location) for k, v in obj.items()}
-    if isinstance(obj, torch.Tensor):
-        return obj  # a local tensor travels inline with the call
-    return obj

@@ -19,10 +19,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..exceptions import OpNotAllowedError
+from ..node.interpreter import flat_outputs, flat_tensors
 from ..protocol.codec import ObjRef
 from ..protocol.ops import op_name
 from ..protocol.plan import Op, PlanCode
-from ..node.interpreter import flat_outputs, flat_tensors
+from ..protocol.tree import tree_map
 
 __all__ = ["trace", "TraceResult"]
 
@@ -50,7 +51,7 @@ class TracedInt(int):
         return obj
 
 
-class TracedSize(tuple):
+class TracedSize(tuple[int, ...]):
     """``x.shape`` during tracing: its items are :class:`TracedInt`."""
 
     src: torch.Tensor
@@ -107,23 +108,28 @@ class _Recorder(TorchFunctionMode):
         return slot
 
     def ref(self, obj: Any, pending: list[torch.Tensor]) -> Any:
-        if isinstance(obj, torch.Tensor):
-            slot = self.slots.get(id(obj))
-            if slot is None:
-                pending.append(obj)
-                return obj  # replaced once the op is kept (see _commit)
-            return ObjRef(slot)
-        if isinstance(obj, TracedInt):
-            return self._size_ref(obj.src, obj.dim)
-        if isinstance(obj, TracedSize):
-            return self._size_ref(obj.src, None)
-        t = type(obj)
-        if t is list or t is tuple or isinstance(obj, torch.Size):
-            out = [self.ref(x, pending) for x in obj]
-            return out if t is list else tuple(out)
-        if t is dict:
-            return {k: self.ref(v, pending) for k, v in obj.items()}
-        return obj
+        """``obj`` with traced tensors and sizes replaced by register refs.
+
+        Tensors from outside the trace are collected in ``pending`` (left in place until
+        the op is kept, see :meth:`commit`).
+        """
+
+        def leaf(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                slot = self.slots.get(id(x))
+                if slot is None:
+                    pending.append(x)
+                    return x
+                return ObjRef(slot)
+            if isinstance(x, TracedInt):
+                return self._size_ref(x.src, x.dim)
+            if isinstance(x, TracedSize):
+                return self._size_ref(x.src, None)
+            if isinstance(x, torch.Size):  # a leaf to tree_map; its items are plain ints
+                return tuple(x)
+            return x
+
+        return tree_map(leaf, obj)
 
     def _size_ref(self, src: torch.Tensor, dim: int | None) -> ObjRef:
         slot = self.slots.get(id(src))
@@ -136,21 +142,19 @@ class _Recorder(TorchFunctionMode):
         )
         return ObjRef(result)
 
-    def _commit(self, obj: Any) -> Any:
-        """Turn tensors from outside (closures, module buffers) into plan state."""
-        if isinstance(obj, torch.Tensor):
-            slot = self.slots.get(id(obj))
-            if slot is None:
-                self.captured.append(obj)
-                slot = self._new_slot(obj)
-            return ObjRef(slot)
-        t = type(obj)
-        if t is list or t is tuple:
-            out = [self._commit(x) for x in obj]
-            return out if t is list else tuple(out)
-        if t is dict:
-            return {k: self._commit(v) for k, v in obj.items()}
-        return obj
+    def commit(self, obj: Any) -> Any:
+        """Turn tensors from outside (closures, module buffers) into plan state refs."""
+
+        def leaf(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                slot = self.slots.get(id(x))
+                if slot is None:
+                    self.captured.append(x)
+                    slot = self._new_slot(x)
+                return ObjRef(slot)
+            return x
+
+        return tree_map(leaf, obj)
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
@@ -183,8 +187,8 @@ class _Recorder(TorchFunctionMode):
         if not has_tensor and out is not None:
             return out  # x.dim(), x.numel(), ...: fixed at trace time
         if pending:
-            wire_args = self._commit_pending(wire_args)
-            wire_kwargs = self._commit_pending(wire_kwargs)
+            wire_args = self.commit(wire_args)
+            wire_kwargs = self.commit(wire_kwargs)
         results = []
         if has_tensor:
             for v in values:
@@ -192,9 +196,6 @@ class _Recorder(TorchFunctionMode):
                 results.append(self._new_slot(v) if slot is None else slot)
         self.ops.append(Op(name, wire_args, wire_kwargs, results, grad))
         return out
-
-    def _commit_pending(self, obj: Any) -> Any:
-        return self._commit(obj)
 
 
 def _snapshot(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, Any, bool]]:
@@ -248,7 +249,7 @@ def trace(
         pending: list[torch.Tensor] = []
         refs = [recorder.ref(o, pending) for o in outs]
         if pending:
-            refs = recorder._commit(refs)
+            refs = recorder.commit(refs)
         outputs = [r.id for r in refs]
         specs = [(tuple(o.shape), o.dtype, bool(o.requires_grad)) for o in outs]
     finally:
@@ -280,19 +281,11 @@ def _renumber_captured(code: PlanCode, n_inputs: int, n_state: int, recorder: _R
     base = first + len(captured_slots)
     mapping.update({old: base + i for i, old in enumerate(others)})
 
-    def remap(obj: Any) -> Any:
-        if type(obj) is ObjRef:
-            return ObjRef(mapping.get(obj.id, obj.id))
-        if type(obj) is list:
-            return [remap(x) for x in obj]
-        if type(obj) is tuple:
-            return tuple(remap(x) for x in obj)
-        if type(obj) is dict:
-            return {k: remap(v) for k, v in obj.items()}
-        return obj
+    def remap(leaf: Any) -> Any:
+        return ObjRef(mapping.get(leaf.id, leaf.id)) if type(leaf) is ObjRef else leaf
 
     for op in code.ops:
-        op.args = remap(op.args)
-        op.kwargs = remap(op.kwargs)
+        op.args = tree_map(remap, op.args)
+        op.kwargs = tree_map(remap, op.kwargs)
         op.results = [mapping.get(r, r) for r in op.results]
     code.outputs = [mapping.get(r, r) for r in code.outputs]

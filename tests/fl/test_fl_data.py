@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("sklearn")
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _prepare_data() -> ModuleType:

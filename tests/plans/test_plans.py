@@ -340,15 +340,15 @@ def test_plan_must_return_tensors():
 
 
 def test_plan_code_roundtrips_the_codec():
-    from fedws.protocol.plan import PlanCode
     from fedws.protocol import codec
+    from fedws.protocol.plan import PlanCode
 
     plan = Net()
     plan.build(torch.tensor([1.0, 2.0]))
-    wire = codec.decode(codec.encode_bytes(plan._code.to_wire(plan._state_tensors)))
+    wire = codec.decode(codec.encode_bytes(plan._code.to_wire(plan.state_tensors)))
     code, state = PlanCode.from_wire(wire)
     assert [op.name for op in code.ops] == [op.name for op in plan._code.ops]
-    assert all(torch.equal(a, b) for a, b in zip(state, plan._state_tensors))
+    assert all(torch.equal(a, b) for a, b in zip(state, plan.state_tensors))
 
 
 # -- training --------------------------------------------------------------------------------
