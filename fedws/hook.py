@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from .client.federation import Federation
-from .client.worker import VirtualWorker, Worker
+from .client.worker import Worker
 from .exceptions import FedwsError, PointerError
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor, make_pointer
 from .protocol.ids import new_id
 from .protocol.messages import Kind
+from .virtual import VirtualWorker
 
 __all__ = ["TorchHook", "send_tensor", "default_federation", "current_federation"]
 
