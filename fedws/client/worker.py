@@ -199,7 +199,7 @@ class Worker:
         if owner is not None:
             return owner.pointer_from_ref(ref)
         local = self.federation.local_worker if self.federation is not None else None
-        if local is None:
+        if not isinstance(local, Worker):
             raise PointerError(f"received a pointer to {ref.location!r} but worker {self.id!r} has no federation")
         return local.pointer_from_ref(ref)
 
@@ -232,7 +232,7 @@ class Worker:
     def owner(self) -> Worker:
         """Who owns the pointers this worker hands out: the federation's local worker."""
         local = self.federation.local_worker if self.federation is not None else None
-        return local if local is not None else self
+        return local if isinstance(local, Worker) else self
 
     def _federation(self) -> Federation:
         if self.federation is None:

@@ -27,7 +27,7 @@ def register_node(name: str, handler: FrameHandler) -> None:
     """Make ``handler`` reachable as ``inproc://name`` (held weakly; the latest one wins)."""
     ref: Callable[[], Any]
     if hasattr(handler, "__self__") and hasattr(handler, "__func__"):
-        ref = weakref.WeakMethod(handler)  # type: ignore[arg-type]
+        ref = weakref.WeakMethod(handler)
     else:
         ref = weakref.ref(handler)
     with _registry_lock:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NodePool
 
 import fedws as sy
 from fedws.client.worker import Worker
 from fedws.protocol.messages import Kind
 from fedws.testing import MockLink, reply_bytes
-from conftest import NodePool
 
 
 def _worker(transport: str, hook: sy.TorchHook, name: str, request: pytest.FixtureRequest) -> sy.Worker:
