@@ -16,7 +16,7 @@ from typing import Any
 from .client.federation import Federation
 from .client.websocket_worker import WebsocketClientWorker
 from .client.worker import Worker
-from .connect import connect, connect_async
+from .connecting import connect, connect_async
 from .exceptions import (
     AuthenticationError,
     ConnectionLostError,
