@@ -44,8 +44,11 @@ def default_federation() -> Federation:
 
 
 def current_federation() -> Federation | None:
-    """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``), or None."""
-    return _latest
+    """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``).
+
+    Before any hook: the default federation if ``sy.connect`` already made it, else None.
+    """
+    return _latest if _latest is not None else _default
 
 
 def _complete(federation: Federation) -> Federation:
