@@ -93,7 +93,7 @@ def network_federation(configs: list[Path], trusted: bool) -> Iterator[tuple[lis
 @contextlib.contextmanager
 def virtual_federation(configs: list[Path], trusted: bool) -> Iterator[tuple[list[sy.Worker], sy.Worker | None]]:
     """VirtualWorkers holding what the node configs say, in this process."""
-    from fedws.transport.config import load_config, load_tensor
+    from fedws.node_config import load_config, load_tensor
 
     workers = []
     for path in configs:

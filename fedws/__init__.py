@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from .client.federation import Federation
-from .client.worker import VirtualWorker, Worker
+from .client.websocket_worker import WebsocketClientWorker
+from .client.worker import Worker
+from .connecting import connect, connect_async
 from .exceptions import (
     AuthenticationError,
     ConnectionLostError,
@@ -38,7 +40,7 @@ from .exceptions import (
 from .hook import TorchHook
 from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
-from .transport.client import WebsocketClientWorker, connect, connect_async
+from .virtual import VirtualWorker
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -63,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .transport.config import NodeConfig, load_config
+    from .node_config import NodeConfig, load_config
 
     if args.config is not None:
         cfg = load_config(args.config)
@@ -82,7 +81,7 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from .transport.server import NodeServer
+    from .node_process import NodeServer, serve
 
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -97,20 +96,13 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"fedws worker: {exc}", file=sys.stderr)
         return 2
 
-    async def main() -> None:
-        try:
-            url = await server.start()
-        except OSError as exc:
-            raise SystemExit(f"fedws worker: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    def ready(url: str) -> None:
         print(f"fedws worker {cfg.id} listening on {url}", flush=True)
-        await server.serve_until_stopped()
 
     try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:  # pragma: no cover
-        asyncio.run(main())
+        serve(server, ready=ready)
+    except OSError as exc:
+        raise SystemExit(f"fedws worker: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
     return 0
 
 

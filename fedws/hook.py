@@ -17,7 +17,7 @@ from torch import nn
 
 from .client.federation import Federation
 from .client.io_thread import wait
-from .client.worker import VirtualWorker, Worker
+from .client.worker import Worker
 from .exceptions import PointerError
 from .pointers import (
     MultiPointerTensor,
@@ -29,6 +29,7 @@ from .pointers import (
 )
 from .protocol.ids import new_id
 from .protocol.messages import Kind
+from .virtual import VirtualWorker
 
 __all__ = ["TorchHook", "send_tensor", "default_federation", "current_federation"]
 
@@ -51,7 +52,10 @@ def default_federation() -> Federation:
 
 
 def current_federation() -> Federation | None:
-    """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``), or None."""
+    """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``).
+
+    Before any hook: the default federation if ``sy.connect`` already made it, else None.
+    """
     return _latest if _latest is not None else _default
 
 

@@ -1,7 +1,9 @@
-"""The coordinator side: worker handles, the session bookkeeping and the IO thread."""
+"""The coordinator side: worker handles (Session + Link), the federation and the IO thread."""
 
+from .federation import Federation
 from .io_thread import IOThread
 from .session import Session
-from .worker import VirtualWorker, Worker
+from .websocket_worker import WebsocketClientWorker
+from .worker import Worker
 
-__all__ = ["IOThread", "Session", "VirtualWorker", "Worker"]
+__all__ = ["Federation", "IOThread", "Session", "WebsocketClientWorker", "Worker"]

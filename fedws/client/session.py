@@ -1,7 +1,8 @@
 """Session: the coordinator's bookkeeping for one link to one node, with no I/O.
 
 It numbers requests, queues their encoded bytes until a transport takes a frame, and turns
-the node's replies into resolved futures. Commands are acknowledged by the reply's
+the node's replies into resolved futures. A reply it cannot use fails the requests it
+answers and nothing else: the link stays up. Commands are acknowledged by the reply's
 watermark, so a command nobody awaits costs no future at all; a future is made only when
 someone asks (``ack_future``) or when a request returns a value.
 
@@ -21,8 +22,10 @@ from typing import Any
 
 from ..exceptions import FedwsError, ProtocolError, RemoteError
 from ..protocol import codec
+from ..protocol.codec import PointerRef
 from ..protocol.errors import error_from_wire
 from ..protocol.messages import FRAME_ERROR_SEQ, Kind
+from ..protocol.tree import tree_map
 
 __all__ = ["Session"]
 
@@ -54,6 +57,10 @@ class Session:
         # whose frames hold pointers, and remembering it would keep their objects alive.
         self._errors: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._lost: FedwsError | None = None
+        # Seq range of each frame taken and not answered yet, oldest first: a node answers
+        # one reply per frame, in order, so an unreadable reply names the requests it fails.
+        self._outbox_first = 0
+        self._in_flight: deque[tuple[int, int]] = deque()
         self.frames_taken = 0
         self.messages_sent = 0
         self.bytes_received = 0
@@ -73,6 +80,8 @@ class Session:
                 self._queue_deletes()
             seq = next(self._seq)
             chunks = codec.encode([int(kind), seq, *fields])
+            if not self._outbox:
+                self._outbox_first = seq
             size = sum(len(c) for c in chunks)
             borrowed = size > COPY_LIMIT
             if borrowed:
@@ -102,6 +111,7 @@ class Session:
             if not self._outbox:
                 return None
             frame, self._outbox = self._outbox, []
+            self._in_flight.append((self._outbox_first, self._last_seq))
             self.messages_sent += self._outbox_msgs
             self._outbox_msgs = 0
             self.frames_taken += 1
@@ -113,21 +123,43 @@ class Session:
             ids.append(self._deletes.popleft())
         seq = next(self._seq)
         self._last_seq = seq
+        if not self._outbox:
+            self._outbox_first = seq
         self._outbox.append(codec.encode_bytes([int(Kind.DELETE), seq, ids]))
         self._outbox_msgs += 1
 
     # -- consuming replies --------------------------------------------------------------
 
     def receive(self, reply: bytes | bytearray | memoryview, pointer_factory: Callable[[Any], Any] | None) -> None:
-        """Apply one reply frame from the node."""
+        """Apply one reply frame from the node (they arrive one per frame, in order).
+
+        Pointers in reply values become live pointers through ``pointer_factory`` one value
+        at a time: a pointer this coordinator cannot follow fails that request only. A
+        reply that cannot be decoded at all fails the requests of the frame it answers.
+        """
         self.bytes_received += len(reply)
+        with self._lock:
+            answered = self._in_flight.popleft() if self._in_flight else None
         try:
-            watermark, values, errors = codec.decode(reply, pointer_factory)
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError(f"malformed reply from {self.worker_id!r}: {exc}") from exc
+            watermark, values, errors = codec.decode(reply)  # pointers stay inert refs
+            if not isinstance(watermark, int):
+                raise ProtocolError(f"watermark is a {type(watermark).__name__}")
+            values = [(seq, value) for seq, value in values]
+            errors = [(seq, err) for seq, err, *_ in errors]
+        except Exception as exc:
+            self._unreadable(answered, exc)
+            return
+        live: list[tuple[int, bool, Any]] = []
+        for seq, value in values:
+            try:
+                if pointer_factory is not None:
+                    value = tree_map(_live_pointers(pointer_factory), value)
+                live.append((seq, True, value))
+            except Exception as exc:  # e.g. a pointer to a worker this coordinator does not know
+                live.append((seq, False, exc))
         settle: list[tuple[Future[Any], bool, Any]] = []
         with self._lock:
-            for seq, err, _result_ids in errors:
+            for seq, err in errors:
                 error = error_from_wire(err)
                 if seq == FRAME_ERROR_SEQ:
                     # The node could not read part of a frame: whatever waits now fails.
@@ -135,25 +167,56 @@ class Session:
                         settle.append((waiting, False, error))
                     self._requests.clear()
                     continue
-                self._errors[seq] = err
-                if len(self._errors) > _MAX_REMEMBERED_ERRORS:
-                    self._errors.popitem(last=False)
+                self._remember_error(seq, err)
                 fut = self._requests.pop(seq, None)
                 if fut is not None:
                     settle.append((fut, False, error))
-            for seq, value in values:
+            for seq, ok, value in live:
                 fut = self._requests.pop(seq, None)
                 if fut is not None:
-                    settle.append((fut, True, value))
-            if watermark > self._acked:
-                self._acked = watermark
-            while self._waiters and self._waiters[0][0] <= self._acked:
-                seq, _, fut = heapq.heappop(self._waiters)
-                failed = self.error_of(seq)
-                settle.append((fut, failed is None, failed))
+                    settle.append((fut, ok, value))
+            self._advance(watermark, settle)
             for seq in [s for s in self._requests if s <= self._acked]:
                 settle.append((self._requests.pop(seq), False, ProtocolError(
                     f"worker {self.worker_id!r} finished request {seq} without answering it")))
+        _settle(settle)
+
+    def _remember_error(self, seq: int, err: dict[str, Any]) -> None:
+        self._errors[seq] = err
+        if len(self._errors) > _MAX_REMEMBERED_ERRORS:
+            self._errors.popitem(last=False)
+
+    def _advance(self, watermark: int, settle: list[tuple[Future[Any], bool, Any]]) -> None:
+        """Move the acknowledged watermark and release the waiters it passes (lock held)."""
+        if watermark > self._acked:
+            self._acked = watermark
+        while self._waiters and self._waiters[0][0] <= self._acked:
+            seq, _, fut = heapq.heappop(self._waiters)
+            failed = self.error_of(seq)
+            settle.append((fut, failed is None, failed))
+
+    def _unreadable(self, answered: tuple[int, int] | None, exc: Exception) -> None:
+        """A reply that cannot be decoded fails the requests of its frame, nothing else."""
+        if answered is None:
+            raise ProtocolError(f"malformed reply from {self.worker_id!r}: {exc}") from exc
+        lo, hi = answered
+        error = ProtocolError(
+            f"unreadable reply from worker {self.worker_id!r} to requests {lo}..{hi}: {exc}"
+        )
+        settle: list[tuple[Future[Any], bool, Any]] = []
+        with self._lock:
+            for seq in [s for s in self._requests if lo <= s <= hi]:
+                settle.append((self._requests.pop(seq), False, error))
+            keep = []
+            for item in self._waiters:
+                if lo <= item[0] <= hi:
+                    settle.append((item[2], False, error))
+                else:
+                    keep.append(item)
+            if len(keep) != len(self._waiters):
+                heapq.heapify(keep)
+                self._waiters = keep
+            self._advance(hi, settle)
         _settle(settle)
 
     # -- waiting ------------------------------------------------------------------------
@@ -214,6 +277,7 @@ class Session:
             self._waiters.clear()
             self._outbox.clear()
             self._outbox_msgs = 0
+            self._in_flight.clear()
             self._acked = self._last_seq  # nothing pending any more
         _settle(settle)
 
@@ -221,6 +285,13 @@ class Session:
         """Start afresh after a reconnect (pending work was failed by ``fail_all``)."""
         with self._lock:
             self._lost = None
+
+
+def _live_pointers(pointer_factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def leaf(value: Any) -> Any:
+        return pointer_factory(value) if isinstance(value, PointerRef) else value
+
+    return leaf
 
 
 def _settle(items: list[tuple[Future[Any], bool, Any]]) -> None:

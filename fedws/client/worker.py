@@ -1,32 +1,32 @@
-"""Worker: the coordinator's handle to one node, whatever carries the frames.
+"""Worker: the coordinator's handle to one node = a :class:`Session` + a :class:`Link`.
 
-A handle submits requests to its :class:`Session` and asks its transport to move frames.
-Subclasses only say how frames move (:meth:`Worker._kick`): :class:`VirtualWorker` hands
-them to an in-process :class:`Node` at once; the WebSocket client writes them from the IO
-thread. Everything above — pointers, plans, training — talks to this class only.
+The session does the bookkeeping (seqs, acks, futures) without I/O; the link moves the
+frames (in this process, over a WebSocket, or into a test's mock). Everything above —
+pointers, plans, training — talks to this class only, and no subclass changes how frames
+move: that is the link's whole job.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..exceptions import FedwsTimeoutError, PointerError
+from ..exceptions import FedwsError, FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
+from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
 from .io_thread import wait
 from .session import Session
 
-if TYPE_CHECKING:
-    from ..node import Node
-    from ..pointers import PointerTensor
+__all__ = ["Worker", "LinkFactory", "SessionEndpoint", "executing_on", "as_federation"]
 
-__all__ = ["Worker", "VirtualWorker", "executing_on", "as_federation"]
+LinkFactory = Callable[[Endpoint], Link]
+"""Builds a worker's link, bound to the worker's endpoint (``MockLink`` is one)."""
 
 # Requests that look at a node's store. Before one is sent, commands pending on the other
 # workers of the federation are waited for, so what the sync API shows follows program
@@ -48,55 +48,92 @@ def as_federation(hook: Any) -> Federation | None:
     return federation
 
 
+class SessionEndpoint:
+    """What a link sees of a worker: the session's frames, its replies, the loss of the link."""
+
+    __slots__ = ("session", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.session = worker.session
+
+    def take_frame(self) -> Chunks | None:
+        return self.session.take_frame()
+
+    def receive(self, reply: bytes | bytearray | memoryview, /) -> None:
+        self.session.receive(reply, self.worker.pointer_factory)
+
+    def link_lost(self, error: FedwsError, /) -> None:
+        self.session.fail_all(error)
+
+
 class Worker:
-    """A handle to one node. Not built directly: use VirtualWorker or WebsocketClientWorker."""
+    """A handle to one node: a :class:`Session` whose frames a :class:`Link` moves.
 
-    address: str | None = None
+    Users get workers from ``sy.VirtualWorker``, ``sy.WebsocketClientWorker`` or
+    ``sy.connect``; a test of the layers above may build one on a mock link.
 
-    def __init__(self, hook: Any, id: str, *, timeout: float | None = None) -> None:
+    Args:
+        hook: the TorchHook or :class:`Federation` the worker joins (None: none).
+        id: the node's id.
+        link: builds the link from the worker's endpoint (None: set ``link`` later).
+        timeout: default seconds a blocking call waits.
+
+    Example:
+        >>> from fedws.testing import MockLink
+        >>> w = Worker(sy.Federation(), "bob", link=MockLink)
+    """
+
+    def __init__(
+        self,
+        hook: Any,
+        id: str,
+        *,
+        link: LinkFactory | None = None,
+        timeout: float | None = None,
+    ) -> None:
         if not isinstance(id, str) or not id:
             raise ValueError(f"worker id must be a non-empty string, got {id!r}")
         self.id = id
         self.federation: Federation | None = as_federation(hook)
         self.timeout = timeout
         self.session = Session(id)
+        self.endpoint = SessionEndpoint(self)
+        self.link: Link = link(self.endpoint) if link is not None else _NoLink()
         self.peers: dict[str, Worker] = {}
         self.is_client_worker = True  # seed attribute; fedws nodes always store objects
         if self.federation is not None:
             self.federation.register(self)
 
-    # -- moving frames (transport-specific) ----------------------------------------------
+    @property
+    def address(self) -> str | None:
+        """Where the node is (``ws://host:port``, ``inproc://bob``), as its link says."""
+        return self.link.address
 
-    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
-        """Make sure queued requests get sent.
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
 
-        ``borrowed``: wait until they are written (they hold a large tensor by reference).
-        ``urgent``: someone waits on the answer; otherwise a transport may hold the
-        requests for a moment so that more of them share the frame.
-        """
-        raise NotImplementedError
-
-    def _kick_soon(self) -> None:
-        """Like ``_kick`` but safe from ``__del__`` and other threads (may do nothing)."""
+    # -- moving frames (the link's job) --------------------------------------------------
 
     def flush(self) -> None:
         """Send every queued request now."""
-        self._kick()
+        self.link.flush()
 
     def flush_soon(self) -> None:
         """Send queued requests shortly; safe from ``__del__`` and any thread."""
-        self._kick_soon()
+        self.link.flush_soon()
 
     def queue_delete(self, obj_id: int) -> None:
         """Delete ``obj_id`` on the node with the next frame; safe from ``__del__``."""
         self.session.queue_delete(obj_id)
-        self.flush_soon()
+        self.link.flush_soon()
 
     def ack_future(self, seq: int) -> Future[Any]:
         """A future that completes once the node has run request ``seq`` (or failed it)."""
         fut = self.session.ack_future(seq)
         if not fut.done():
-            self.flush()
+            self.link.flush()
         return fut
 
     def error_of(self, seq: int) -> Exception | None:
@@ -107,12 +144,34 @@ class Worker:
         """The timeout a blocking call uses: ``timeout`` if given, else the worker's."""
         return self.timeout if timeout is None else timeout
 
+    def close(self) -> None:
+        """Close the link. Objects on the node stay there."""
+        self.link.close()
+
+    async def aclose(self) -> None:
+        await self.link.aclose()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Worker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- requests ------------------------------------------------------------------------
 
     def submit(self, kind: Kind, *fields: Any, want_value: bool = False) -> tuple[int, Future[Any] | None]:
         """Queue a request and get it moving; returns (seq, value future or None)."""
         seq, fut, borrowed = self.session.submit(kind, *fields, want_value=want_value)
-        self._kick(borrowed, urgent=want_value or borrowed)
+        if borrowed:  # the frame holds the tensor's memory: return once it is written
+            self.link.flush_and_wait(self.timeout)
+        else:  # nobody waits on a plain command yet: the link may batch it
+            self.link.flush(urgent=want_value)
         return seq, fut
 
     def request(self, kind: Kind, *fields: Any, timeout: float | None = None) -> Any:
@@ -140,7 +199,7 @@ class Worker:
         if owner is not None:
             return owner.pointer_from_ref(ref)
         local = self.federation.local_worker if self.federation is not None else None
-        if local is None:
+        if not isinstance(local, Worker):
             raise PointerError(f"received a pointer to {ref.location!r} but worker {self.id!r} has no federation")
         return local.pointer_from_ref(ref)
 
@@ -151,21 +210,21 @@ class Worker:
         seq, _ = self.submit(Kind.STORE, obj_id, obj, sorted(set(tags)), description)
         return seq
 
-    def search(self, *tags: str) -> list[PointerTensor]:
+    def search(self, *tags: str) -> list[Any]:
         """Pointers to the node's objects that carry every one of ``tags``.
 
         The pointers do not own the data: dropping them never deletes it.
         """
         return [self._search_result(d) for d in self.request(Kind.SEARCH, list(tags))]
 
-    async def search_async(self, *tags: str) -> list[PointerTensor]:
+    async def search_async(self, *tags: str) -> list[Any]:
         found = await self.request_async(Kind.SEARCH, list(tags))
         return [self._search_result(d) for d in found]
 
-    def _search_result(self, d: list[Any]) -> PointerTensor:
+    def _search_result(self, d: list[Any]) -> Any:
         """A pointer that does not own the object: dropping it never deletes the data."""
         obj_id, _type, shape, dtype, rg = d[0], d[1], d[2], d[3], d[4]
-        return self._federation().make_pointer(  # type: ignore[no-any-return]
+        return self._federation().make_pointer(
             self, obj_id, shape=shape, dtype=dtype, requires_grad=rg, owner=self.owner, id=new_id(), owns=False
         )
 
@@ -173,7 +232,7 @@ class Worker:
     def owner(self) -> Worker:
         """Who owns the pointers this worker hands out: the federation's local worker."""
         local = self.federation.local_worker if self.federation is not None else None
-        return local if local is not None else self
+        return local if isinstance(local, Worker) else self
 
     def _federation(self) -> Federation:
         if self.federation is None:
@@ -221,9 +280,9 @@ class Worker:
                 f"call {self.id}.add_worker({worker_id}) first"
             ) from None
 
-    def pointer_from_ref(self, ref: PointerRef) -> PointerTensor:
+    def pointer_from_ref(self, ref: PointerRef) -> Any:
         """A pointer owned by this worker for a PointerRef that arrived here."""
-        return self._federation().make_pointer(  # type: ignore[no-any-return]
+        return self._federation().make_pointer(
             self.resolve_peer(ref.location),
             ref.id_at_location,
             shape=ref.shape,
@@ -237,71 +296,23 @@ class Worker:
         return f"<{type(self).__name__} id:{self.id}>"
 
 
-class VirtualWorker(Worker):
-    """A node in this process, reached through the same encoded bytes as a remote one.
+class _NoLink:
+    """The link of a worker built without one: nothing moves until a real link is set."""
 
-    It executes on send, so ``bob._objects`` shows the new state immediately.
+    address: str | None = None
+    connected = False
 
-    Args:
-        hook: the TorchHook of this federation.
-        id: the worker's name (``"bob"``).
-        data: tensors stored at creation, with their tags (``tensor.tag("x")``).
-        max_store_mb: cap on the tensor bytes this node holds.
+    def flush(self, *, urgent: bool = True) -> None:
+        pass
 
-    Example:
-        >>> bob = sy.VirtualWorker(hook, id="bob")
-        >>> x_ptr = torch.tensor([1, 2, 3]).send(bob)
-    """
+    def flush_soon(self) -> None:
+        pass
 
-    def __init__(
-        self,
-        hook: Any,
-        id: str,
-        data: Iterable[Any] = (),
-        *,
-        max_store_mb: float | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(hook, id, timeout=timeout)
-        from ..node import Node
+    def flush_and_wait(self, timeout: float | None) -> None:
+        pass
 
-        max_bytes = None if max_store_mb is None else int(max_store_mb * 2**20)
-        self.node: Node = Node(id, max_store_bytes=max_bytes, pointer_factory=self._arriving_pointer)
-        self._in_kick = False
-        for obj in data:
-            self.store(
-                obj,
-                obj_id=new_id(),
-                tags=getattr(obj, "tags", None) or (),
-                description=getattr(obj, "description", None),
-            )
+    def close(self) -> None:
+        pass
 
-    def _arriving_pointer(self, ref: PointerRef) -> Any:
-        return self.pointer_from_ref(ref)
-
-    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
-        session = self.session
-        while True:
-            frame = session.take_frame()
-            if frame is None:
-                return
-            token = executing_on.set(self)
-            try:
-                reply = self.node.handle(b"".join(frame))
-            finally:
-                executing_on.reset(token)
-            session.receive(b"".join(reply), self.pointer_factory)
-
-    @property
-    def _objects(self) -> dict[int, Any]:
-        """The node's live id -> object dict (pending deletes applied first)."""
-        self._kick()
-        return self.node.store.objects
-
-    @_objects.setter
-    def _objects(self, objects: dict[int, Any]) -> None:
-        self._kick()
-        self.node.store.replace(objects)
-
-    def __repr__(self) -> str:
-        return f"<VirtualWorker id:{self.id} #tensors:{len(self._objects)}>"
+    async def aclose(self) -> None:
+        pass

@@ -1,10 +1,21 @@
-"""Moving frames: the WebSocket server for nodes and client for coordinators and peers.
+"""Moving frames, and nothing else: the Link interface and its in-process and WebSocket
+implementations, the socket server and the handshake. Imports only ``fedws.protocol``.
 
-The in-process transport is :class:`fedws.VirtualWorker` itself (it hands frames to a Node).
+The mock link for tests of the layers above is :class:`fedws.testing.MockLink`.
 """
 
-from .client import WebsocketClientWorker, connect, connect_async
-from .config import NodeConfig, load_config
-from .server import NodeServer
+from .inproc import InprocLink, lookup_node, register_node
+from .link import Endpoint, FrameHandler, Link
+from .server import FrameServer
+from .websocket import WebsocketLink
 
-__all__ = ["WebsocketClientWorker", "connect", "connect_async", "NodeServer", "NodeConfig", "load_config"]
+__all__ = [
+    "Link",
+    "Endpoint",
+    "FrameHandler",
+    "InprocLink",
+    "WebsocketLink",
+    "FrameServer",
+    "register_node",
+    "lookup_node",
+]

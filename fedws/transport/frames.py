@@ -62,7 +62,8 @@ async def receive(ws: Any) -> bytes | bytearray | str:
     if isinstance(parts[0], str):
         return "".join(parts)
     if len(parts) == 1 and size < VIEW_MIN_BYTES:
-        return parts[0]  # small: the codec copies small tensors anyway
+        small: bytes = parts[0]  # small: the codec copies small tensors anyway
+        return small
     buf = bytearray(size)
     pos = 0
     for part in parts:

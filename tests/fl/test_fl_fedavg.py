@@ -24,6 +24,7 @@ from fedws.fl import FedAvg, FedAvgConfig, History, load_checkpoint, sample_node
 from fedws.fl.local_training import _batch_generator
 from fedws.protocol import codec
 from fedws.protocol.messages import Kind
+from fedws.transport.inproc import InprocLink
 
 FEATURES, CLASSES = 8, 3
 
@@ -65,14 +66,30 @@ TEST = blobs(300, seed=99)
 FAST = dict(rounds=3, local_epochs=1, batch_size=32, lr=0.1)
 
 
-class SilentWorker(sy.VirtualWorker):
-    """A node that stops answering once ``silent`` is set: frames queue, nothing comes back."""
+class SilentLink(InprocLink):
+    """An in-process link that stops delivering once ``silent`` is set: frames queue."""
 
     silent = False
 
-    def _kick(self, borrowed: bool = False, *, urgent: bool = True) -> None:
+    def flush(self, *, urgent: bool = True) -> None:
         if not self.silent:
-            super()._kick(borrowed, urgent=urgent)
+            super().flush(urgent=urgent)
+
+
+class SilentWorker(sy.VirtualWorker):
+    """A node that stops answering once ``silent`` is set: frames queue, nothing comes back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.link = SilentLink(self.endpoint, self.handle_frame, self.address)
+
+    @property
+    def silent(self) -> bool:
+        return self.link.silent
+
+    @silent.setter
+    def silent(self, value: bool) -> None:
+        self.link.silent = value
 
 
 # -- training ---------------------------------------------------------------------------
@@ -389,7 +406,7 @@ def test_a_dropped_node_gets_the_plan_again(hook: sy.TorchHook, monkeypatch: pyt
     slow.silent = True
     assert trainer.run_round(2).nodes == ["alice"]
     slow.silent = False
-    slow._kick()  # the queued round-2 requests run now, too late to count
+    slow.flush()  # the queued round-2 requests run now, too late to count
     kinds.clear()
     third = trainer.run_round(3)
     assert third.nodes == ["alice", "slow"] and not third.dropped

@@ -97,3 +97,25 @@ def test_up_and_down_start_and_stop_a_federation_by_pid(tmp_path: Path, hook: sy
     assert not list(run_dir.glob("*.pid"))
     with pytest.raises(sy.FedwsConnectionError):
         sy.connect(nodes[0].url, hook=hook, connect_timeout=3)
+
+
+def test_sigterm_right_after_the_ready_line_exits_cleanly() -> None:
+    """The handlers are installed before the ready line is printed: no window where a
+    SIGTERM kills the node with -15 instead of stopping it cleanly."""
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedws", "worker", "--id", "quick", "--port", "0", "--threads", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert " listening on " in line, line
+            proc.send_signal(signal.SIGTERM)  # at once, from the thread that read the line
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

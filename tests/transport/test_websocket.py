@@ -85,9 +85,9 @@ def test_link_drop_then_reconnect_finds_surviving_state(hook: sy.TorchHook, node
     w = sy.connect(node.url, hook=hook)
     kept = torch.arange(4).tag("#kept").send(w)
     kept.wait()
-    ws = w._ws
+    ws = w.link._ws
     assert ws is not None
-    w._io.loop.call_soon_threadsafe(ws.transport.abort)  # the network drops the link
+    w.link.io.loop.call_soon_threadsafe(ws.transport.abort)  # the network drops the link
     with pytest.raises(sy.ConnectionLostError):
         w.ping(timeout=10)
     w.reconnect()
@@ -116,7 +116,7 @@ def test_blocking_call_from_io_thread_is_refused(hook: sy.TorchHook, node: NodeP
         return (x + 1).get()
 
     with pytest.raises(sy.WrongThreadError, match="IO thread"):
-        w._io.submit(misuse()).result(10)
+        w.link.io.submit(misuse()).result(10)
     w.close()
 
 
