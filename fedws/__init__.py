@@ -40,9 +40,8 @@ from .exceptions import (
 from .hook import TorchHook
 from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
+from .version import __version__ as __version__
 from .virtual import VirtualWorker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "TorchHook",

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 __all__ = ["main"]
 
@@ -110,15 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         return run_worker(args)
-    from . import launch
+    from .launch import down, up
 
     if args.command == "up":
-        nodes = launch.up(args.configs, args.run_dir)
+        nodes = up(args.configs, args.run_dir)
         for n in nodes:
             print(f"{n.id}\t{n.url}\tpid {n.pid}")
         return 0
     if args.command == "down":
-        stopped = launch.down(args.run_dir)
+        stopped = down(args.run_dir)
         print(f"stopped {stopped} node(s)")
         return 0
     return 2

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedws"
 # (rank, group): a module may import modules of a lower rank, or of its own group.
 LAYERS: list[tuple[str, int, str]] = [
     ("fedws.exceptions", 0, "protocol"),
+    ("fedws.version", 0, "protocol"),
     ("fedws.protocol", 0, "protocol"),
     ("fedws.node", 1, "node"),
     ("fedws.transport", 1, "transport"),
@@ -26,7 +27,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.fl", 5, "fl"),
     ("fedws.hook", 5, "compose"),
     ("fedws.virtual", 5, "compose"),
-    ("fedws.connect", 5, "compose"),
+    ("fedws.connecting", 5, "compose"),
     ("fedws.node_config", 5, "compose"),
     ("fedws.node_process", 5, "compose"),
     ("fedws.testing", 6, "top"),
@@ -37,7 +38,7 @@ LAYERS: list[tuple[str, int, str]] = [
 ]
 # Modules whose source must not name an event loop or a socket library: they are the
 # sans-I/O core both transports share.
-NO_IO = ("fedws.protocol", "fedws.node", "fedws.exceptions")
+NO_IO = ("fedws.protocol", "fedws.node", "fedws.exceptions", "fedws.version")
 IO_MODULES = ("asyncio", "websockets", "uvloop", "socket")
 
 
@@ -155,7 +156,7 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODS if m.startswith(NO_IO)))
+@pytest.mark.parametrize("name", sorted(m for m in MODS if any(m == p or m.startswith(p + ".") for p in NO_IO)))
 def test_sans_io_core_imports_no_io(name: str) -> None:
     used = _external_imports(MODS[name]) & set(IO_MODULES)
     assert not used, f"{name} imports {sorted(used)}: the protocol core and the node do no I/O"

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from ..client.worker import Worker
 from ..exceptions import PointerError, RoundFailedError
 from ..pointers import PointerTensor
-from . import remote
 from .aggregate import fedavg
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
@@ -46,6 +45,7 @@ from .local_training import (
     find_data,
     start_local_training,
 )
+from .remote import Deadline, first_error, wait_all
 from .sampling import sample_nodes
 from .trusted import connect_aggregator, start_trusted_average
 
@@ -156,7 +156,7 @@ class FedAvg:
         selected = sample_nodes(
             self.workers, cfg.nodes_to_select(len(self.workers)), seed=cfg.seed, round_number=round_number
         )
-        deadline = remote.Deadline(cfg.round_timeout)
+        deadline = Deadline(cfg.round_timeout)
         dropped: dict[str, str] = {}
 
         def drop(worker_id: str, exc: BaseException) -> None:
@@ -182,13 +182,13 @@ class FedAvg:
                 )
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)
-        results, failures = remote.wait_all({wid: run.futures for wid, run in runs.items()}, deadline)
+        results, failures = wait_all({wid: run.futures for wid, run in runs.items()}, deadline)
         for wid, failure in failures.items():
             drop(wid, failure)
         answered: list[str] = []
         for wid in list(results):
             run = runs[wid]
-            err = remote.first_error(run.data.worker, run.start_seq, run.end_seq)
+            err = first_error(run.data.worker, run.start_seq, run.end_seq)
             if err is not None:
                 drop(wid, err)
             else:
@@ -227,7 +227,7 @@ class FedAvg:
     # -- steps ------------------------------------------------------------------------
 
     def _discover(
-        self, workers: Sequence[Worker], deadline: remote.Deadline, drop: Callable[[str, BaseException], None]
+        self, workers: Sequence[Worker], deadline: Deadline, drop: Callable[[str, BaseException], None]
     ) -> None:
         searches: dict[str, list[Any]] = {}
         by_id = {w.id: w for w in workers}
@@ -236,7 +236,7 @@ class FedAvg:
                 searches[w.id] = list(find_data(w, self.config))
             except Exception as exc:
                 drop(w.id, exc)
-        found, failures = remote.wait_all(searches, deadline)
+        found, failures = wait_all(searches, deadline)
         for wid, failure in failures.items():
             drop(wid, failure)
         for wid, (xs, ys) in found.items():
@@ -252,7 +252,7 @@ class FedAvg:
             updates = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return fedavg(updates)
         keys, futures = start_trusted_average(runs, self.aggregator)
-        averaged, failed = remote.wait_all({"average": futures}, remote.Deadline(self.config.round_timeout))
+        averaged, failed = wait_all({"average": futures}, Deadline(self.config.round_timeout))
         if failed:
             exc = failed["average"]
             raise RoundFailedError(

@@ -31,8 +31,8 @@ from ..client.worker import Worker
 from ..exceptions import ObjectNotFoundError
 from ..plans import Plan, PointerPlan
 from ..pointers import PointerTensor
-from . import remote
 from .config import FedAvgConfig
+from .remote import barrier_nowait, fetch_nowait, mark, search_nowait
 
 __all__ = [
     "NodeData",
@@ -61,8 +61,8 @@ def find_data(worker: Worker, config: FedAvgConfig) -> tuple[Future[list[Pointer
     """Start searching ``worker`` for its features and labels (see :func:`data_from_search`)."""
     tags = list(config.data_tags)
     return (
-        remote.search_nowait(worker, [*tags, config.x_tag]),
-        remote.search_nowait(worker, [*tags, config.y_tag]),
+        search_nowait(worker, [*tags, config.x_tag]),
+        search_nowait(worker, [*tags, config.y_tag]),
     )
 
 
@@ -98,7 +98,7 @@ class LocalRun:
     Attributes:
         data: the node and its shard.
         model: the model copy that lives on the node (its parameters are pointers).
-        start_seq: first request of the run, for :func:`remote.first_error`.
+        start_seq: first request of the run, for :func:`first_error`.
         end_seq: the barrier that closes the run.
         futures: the barrier, the summed loss, then one per state entry if fetched.
         examples_seen: examples the run trains on (all its epochs).
@@ -283,7 +283,7 @@ def start_local_training(
         plans: the run's plan cache; None builds and sends a plan for this call only.
     """
     worker, n = data.worker, data.num_examples
-    start = remote.mark(worker)
+    start = mark(worker)
     step = (plans or TrainingPlans()).for_node(global_model, data, config, loss_fn)
     model = copy.deepcopy(global_model)
     model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
@@ -301,11 +301,11 @@ def start_local_training(
             # The indices travel inline with the call: one message per step.
             idx = order[lo : lo + config.batch_size]
             step_losses.append(step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
-    end, done = remote.barrier_nowait(worker)
-    futures = [done, remote.fetch_nowait(loss_sum)]
+    end, done = barrier_nowait(worker)
+    futures = [done, fetch_nowait(loss_sum)]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():
             keys.append(key)
-            futures.append(remote.fetch_nowait(ptr))
+            futures.append(fetch_nowait(ptr))
     return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys, step_losses)

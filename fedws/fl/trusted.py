@@ -16,9 +16,9 @@ from typing import Any
 
 from ..client.worker import Worker
 from ..pointers import PointerTensor
-from . import remote
 from .aggregate import fedavg_weights, weighted_average
 from .local_training import LocalRun
+from .remote import fetch_nowait
 
 __all__ = ["connect_aggregator", "start_trusted_average"]
 
@@ -47,5 +47,5 @@ def start_trusted_average(runs: Sequence[LocalRun], aggregator: Worker) -> tuple
     for key in keys:
         average = weighted_average([state[key] for state in states], weights)
         assert isinstance(average, PointerTensor)  # ops on pointers return pointers
-        futures.append(remote.fetch_nowait(average))
+        futures.append(fetch_nowait(average))
     return keys, futures
