@@ -59,6 +59,7 @@ __all__ = [
     "iter_blobs",
     "DTYPES",
     "DTYPE_NAMES",
+    "DECODABLE_DTYPES",
     "MAX_EXT_DEPTH",
     "MAX_BLOBS",
     "MAX_NDIM",
@@ -105,6 +106,11 @@ for _name in dir(torch):
     if isinstance(_val, torch.dtype):
         DTYPES.setdefault(str(_val).removeprefix("torch."), _val)
 DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+# Dtypes a peer may name. Quantized dtypes are not among them: a tensor of one has no
+# quantizer unless torch built it as quantized, and kernels that expect one assert or crash
+# (``ones(2).view(torch.quint8)`` then ``q_scale``); no fedws op needs them.
+_QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
+DECODABLE_DTYPES: dict[str, torch.dtype] = {n: d for n, d in DTYPES.items() if n not in _QUANTIZED}
 
 # Non-tensor torch constants that appear as op arguments.
 _CONSTS: dict[str, Any] = {
@@ -114,8 +120,7 @@ _CONSTS: dict[str, Any] = {
         "contiguous_format",
         "channels_last",
         "channels_last_3d",
-        "strided",
-        "sparse_coo",
+        "strided",  # the only layout a peer may name: no sparse tensor is ever built
     )
     if hasattr(torch, name)
 }
@@ -389,9 +394,9 @@ def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory
             return _pointer(unpack(data), pointer_factory)
         if code == EXT_DTYPE:
             name = data.decode()
-            if name not in DTYPES:
+            if name not in DECODABLE_DTYPES:
                 raise DecodeError(f"unknown dtype {name!r:.80}")
-            return DTYPES[name]
+            return DECODABLE_DTYPES[name]
         if code == EXT_SLICE:
             return slice(*unpack(data))
         if code == EXT_ELLIPSIS:
@@ -450,7 +455,7 @@ def _pointer(fields: Any, pointer_factory: PointerFactory | None) -> Any:
         and type(rg) is bool
     ):
         raise DecodeError("bad pointer fields")
-    if dtype not in DTYPES:
+    if dtype not in DECODABLE_DTYPES:
         raise DecodeError(f"unknown dtype {dtype!r:.80}")
     if shape is not None:
         shape = tuple(_check_shape(shape))
@@ -482,7 +487,7 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
         dtype_name, shape, requires_grad, offset, nbytes, grad = header
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"bad tensor header {header!r:.120}") from exc
-    dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    dtype = DECODABLE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise DecodeError(f"unknown dtype in tensor header: {dtype_name!r:.80}")
     shape = _check_shape(shape)
