@@ -99,13 +99,18 @@ def error_to_wire(
     (worker, op, object): no traceback, no path. Log :func:`error_traceback` on the node
     to keep the rest.
     """
+    # Fields may come from a hostile request (an op or id that is a tensor, a list ...):
+    # never test their truth, keep only plain strings and ints.
     if isinstance(exc, RemoteError):  # re-sent (a dependency, a peer's answer): scrub again
         remote_type = exc.remote_type
         message = exc.remote_message
         code = type(exc).__name__
-        worker = exc.worker or worker
-        obj_id = exc.obj_id if exc.obj_id is not None else obj_id
-        op = exc.op or op
+        if exc.worker is not None:
+            worker = exc.worker
+        if exc.obj_id is not None:
+            obj_id = exc.obj_id
+        if exc.op is not None:
+            op = exc.op
     else:
         remote_type = type(exc).__name__
         message = str(exc)
@@ -113,9 +118,9 @@ def error_to_wire(
     return {
         "code": code,
         "type": _name(remote_type, "Error"),
-        "message": scrub_message(message),
-        "worker": worker,
-        "obj_id": obj_id,
+        "message": scrub_message(str(message)),
+        "worker": _name(worker, None),
+        "obj_id": obj_id if type(obj_id) is int else None,
         "op": _name(op, None),
     }
 

@@ -144,6 +144,7 @@ def test_packed_matrix_cannot_leak_process_memory() -> None:
         [int(Kind.GET), 3, 11, False],
     )
     assert values == [] and [e[0] for e in errors] == [2, 3]
+    assert errors[0][1]["code"] == "OpNotAllowedError"
 
 
 # -- ops that index: torch checks them (memory-safe), so they stay allowed --------------------------
