@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 TORCH_PIN = torch==2.13.0
 STAMP = .make-installed
 
-.PHONY: install test lint types demo tutorial bench workers workers-stop coverage clean
+.PHONY: install test lint types demo tutorial bench workers workers-stop coverage clean fuzz
 
 # The pinned CPU torch goes first: a bare `torch` requirement would pull CUDA wheels.
 $(STAMP): pyproject.toml
@@ -47,3 +47,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(STAMP) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# A long fuzz run of the decoder and Node.handle (10^6 frames, children isolate crashes).
+FUZZ_FRAMES ?= 1000000
+fuzz: $(STAMP)
+	$(PYTHON) bench/fuzz.py --frames $(FUZZ_FRAMES)

@@ -83,7 +83,8 @@ class RemoteError(FedwsError):
         obj_id: id of the object the command was about (or None).
         remote_type: name of the exception class raised on the node.
         remote_message: its message.
-        remote_traceback: the node's traceback text, if the node sent one.
+        remote_traceback: kept for compatibility; always None for errors from the wire
+            (nodes keep their tracebacks in their own log).
         op: the op name, when the failure happened in an op.
     """
 

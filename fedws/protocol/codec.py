@@ -15,6 +15,25 @@ blobs.
 
 Nothing decoded is ever executed: refs, pointers and constants decode to inert data
 classes, and the only names resolved are dtypes and a fixed set of torch constants.
+
+Every byte is hostile, so decoding is bounded before it recurses or allocates:
+
+- ext values nest at most :data:`MAX_EXT_DEPTH` levels. Each level is one more
+  ``msgpack.unpackb`` call whose C context (~40 KiB) lives on the C stack, so an unbounded
+  nesting overflowed it (a 955-byte frame nesting 200 levels killed the node). Plain arrays
+  and maps inside one level are bounded by msgpack itself (``StackError`` at 1024 levels,
+  kept on the heap).
+- nested ext payloads are copied once per level; their total is capped at
+  :data:`EXT_COPY_FACTOR` times the envelope (plus 64 KiB), so nesting cannot amplify memory.
+- every container length msgpack reads is capped by the bytes it was read from, so a tiny
+  blob cannot declare a 2**32-element array and have it preallocated.
+- a tensor header is checked (dtype, shape, ndim, sizes, byte count, bounds) before any
+  tensor is built, and a tensor is only ever built from bytes the blob really carries.
+- a frame holds at most :data:`MAX_BLOBS` blobs, and every blob length is checked against
+  the real buffer before it is sliced.
+
+Whatever goes wrong, :func:`decode` and :func:`iter_blobs` raise :class:`DecodeError`
+and nothing else.
 """
 
 from __future__ import annotations
@@ -40,6 +59,11 @@ __all__ = [
     "iter_blobs",
     "DTYPES",
     "DTYPE_NAMES",
+    "DECODABLE_DTYPES",
+    "MAX_EXT_DEPTH",
+    "MAX_BLOBS",
+    "MAX_NDIM",
+    "EXT_COPY_FACTOR",
 ]
 
 _HEAD = struct.Struct("<IIQ")
@@ -49,6 +73,19 @@ _ALIGN = 64
 VIEW_MIN_BYTES = 1 << 16
 _ZEROS = bytes(_ALIGN)
 HEAD_SIZE = _HEAD.size
+
+# Nesting of ext values (tuples, tensor headers, slices, sets, pointers) in one blob. Real
+# values nest a few levels; each level costs ~40 KiB of C stack (msgpack's unpack context),
+# so 32 levels stay under 1.5 MiB, well inside the smallest thread stacks we run on (2 MiB).
+MAX_EXT_DEPTH = 32
+# Bytes of nested ext payloads one blob may re-read, as a multiple of its envelope (+64 KiB).
+EXT_COPY_FACTOR = 8
+# Blobs in one frame. A blob costs ~20 bytes on the wire but a decode and possibly an error
+# entry in the reply; 100k is far above what batching produces (a few thousand commands).
+MAX_BLOBS = 100_000
+# Dimensions of a tensor (torch's own limit for most kernels is 64 as well).
+MAX_NDIM = 64
+_MAX_NUMEL = (1 << 63) - 1
 
 EXT_TENSOR = 1
 EXT_TUPLE = 2
@@ -69,6 +106,11 @@ for _name in dir(torch):
     if isinstance(_val, torch.dtype):
         DTYPES.setdefault(str(_val).removeprefix("torch."), _val)
 DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+# Dtypes a peer may name. Quantized dtypes are not among them: a tensor of one has no
+# quantizer unless torch built it as quantized, and kernels that expect one assert or crash
+# (``ones(2).view(torch.quint8)`` then ``q_scale``); no fedws op needs them.
+_QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
+DECODABLE_DTYPES: dict[str, torch.dtype] = {n: d for n, d in DTYPES.items() if n not in _QUANTIZED}
 
 # Non-tensor torch constants that appear as op arguments.
 _CONSTS: dict[str, Any] = {
@@ -78,8 +120,7 @@ _CONSTS: dict[str, Any] = {
         "contiguous_format",
         "channels_last",
         "channels_last_3d",
-        "strided",
-        "sparse_coo",
+        "strided",  # the only layout a peer may name: no sparse tensor is ever built
     )
     if hasattr(torch, name)
 }
@@ -267,21 +308,30 @@ def encode_bytes(obj: Any) -> bytes:
 
 def iter_blobs(frame: bytes | bytearray | memoryview) -> Iterator[memoryview]:
     """Split a frame into its blobs; raise DecodeError on a truncated or corrupt frame."""
-    mv = memoryview(frame).cast("B")
+    try:
+        mv = memoryview(frame).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"frame is not a byte buffer: {exc}") from exc
     pos, end = 0, len(mv)
     if end == 0:
         raise DecodeError("empty frame")
+    count = 0
     while pos < end:
+        if count >= MAX_BLOBS:
+            raise DecodeError(f"frame holds more than {MAX_BLOBS} blobs")
         if end - pos < HEAD_SIZE:
             raise DecodeError(f"truncated blob header at byte {pos}")
         env_len, pad, buf_len = _HEAD.unpack_from(mv, pos)
-        size = HEAD_SIZE + env_len + pad + buf_len
-        if pos + size > end:
+        if pad >= _ALIGN:
+            raise DecodeError(f"blob at byte {pos} has padding {pad} (at most {_ALIGN - 1})")
+        size = HEAD_SIZE + env_len + pad + buf_len  # Python ints: no overflow
+        if size > end - pos:
             raise DecodeError(
                 f"blob at byte {pos} claims {size} bytes but only {end - pos} remain"
             )
         yield mv[pos : pos + size]
         pos += size
+        count += 1
 
 
 def peek_kinds(frame: bytes | bytearray | memoryview) -> list[int] | None:
@@ -310,75 +360,139 @@ def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory
     """Decode one blob. ``pointer_factory`` turns PointerRefs into live pointers.
 
     Raises:
-        DecodeError: the bytes are not a valid blob; nothing was partially applied.
+        DecodeError: the bytes are not a valid blob (whatever is wrong with them: bad
+            lengths, garbage msgpack, too deep, a lying tensor header); nothing was
+            partially applied.
     """
-    mv = memoryview(blob).cast("B")
+    try:
+        mv = memoryview(blob).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"blob is not a byte buffer: {exc}") from exc
     if len(mv) < HEAD_SIZE:
         raise DecodeError("blob shorter than its header")
     env_len, pad, buf_len = _HEAD.unpack_from(mv, 0)
+    if pad >= _ALIGN:
+        raise DecodeError(f"blob padding {pad} is not below {_ALIGN}")
     base = HEAD_SIZE + env_len + pad
     if base + buf_len != len(mv):
         raise DecodeError(f"blob length {len(mv)} does not match its header ({base + buf_len})")
     env_end = HEAD_SIZE + env_len
+    # Nested ext levels: a counter, not a wrapper per value (this is the hot path).
+    depth = 0
+    copy_budget = EXT_COPY_FACTOR * env_len + (1 << 16)
 
     def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_REF:  # the commonest ext first
+            if len(data) != 8:
+                raise DecodeError("object ref must be 8 bytes")
+            return ObjRef(_REF.unpack(data)[0])
         if code == EXT_TENSOR:
             return _tensor(unpack(data), mv, base, buf_len)
         if code == EXT_TUPLE:
             return tuple(unpack(data))
-        if code == EXT_REF:
-            if len(data) != 8:
-                raise DecodeError("object ref must be 8 bytes")
-            return ObjRef(_REF.unpack(data)[0])
         if code == EXT_POINTER:
-            loc, addr, id_at, pid, shape, dtype, rg = unpack(data)
-            if dtype not in DTYPES:
-                raise DecodeError(f"unknown dtype {dtype!r}")
-            ref = PointerRef(loc, addr, id_at, pid, None if shape is None else tuple(shape), dtype, rg)
-            return pointer_factory(ref) if pointer_factory is not None else ref
+            return _pointer(unpack(data), pointer_factory)
         if code == EXT_DTYPE:
             name = data.decode()
-            if name not in DTYPES:
-                raise DecodeError(f"unknown dtype {name!r}")
-            return DTYPES[name]
+            if name not in DECODABLE_DTYPES:
+                raise DecodeError(f"unknown dtype {name!r:.80}")
+            return DECODABLE_DTYPES[name]
         if code == EXT_SLICE:
             return slice(*unpack(data))
         if code == EXT_ELLIPSIS:
             return Ellipsis
         if code == EXT_COMPLEX:
+            if len(data) != 16:
+                raise DecodeError("a complex must be 16 bytes")
             return complex(*struct.unpack("<dd", data))
         if code == EXT_DEVICE:
             return torch.device(data.decode())
         if code == EXT_CONST:
             name = data.decode()
             if name not in _CONSTS:
-                raise DecodeError(f"unknown constant {name!r}")
+                raise DecodeError(f"unknown constant {name!r:.80}")
             return _CONSTS[name]
         if code == EXT_SET:
             return set(unpack(data))
         raise DecodeError(f"unknown ext type {code}")
 
     def unpack(data: bytes | memoryview) -> Any:
-        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        nonlocal depth, copy_budget
+        if depth:  # a nested ext payload: a fresh C context on the stack, and a copy
+            if depth > MAX_EXT_DEPTH:
+                raise DecodeError(f"value nests deeper than {MAX_EXT_DEPTH} ext levels")
+            copy_budget -= len(data)
+            if copy_budget < 0:
+                raise DecodeError("nested values re-read too many bytes")
+        depth += 1
+        # unpackb caps every length it reads (str, bin, array, map, ext) by ``len(data)``,
+        # so a container header cannot make it preallocate more than the bytes could fill;
+        # passing the same limits explicitly costs ~10% of a small command's decode, and
+        # tests/protocol/test_decode_limits.py fails if a msgpack release drops the default.
+        value = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        depth -= 1
+        return value
 
     try:
         return unpack(mv[HEAD_SIZE:env_end])
     except DecodeError:
         raise
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise DecodeError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # msgpack and torch raise several unrelated types on garbage
+        raise DecodeError(f"malformed message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _pointer(fields: Any, pointer_factory: PointerFactory | None) -> Any:
+    try:
+        loc, addr, id_at, pid, shape, dtype, rg = fields
+    except (TypeError, ValueError) as exc:
+        raise DecodeError("a pointer must carry 7 fields") from exc
+    if not (
+        type(loc) is str
+        and (addr is None or type(addr) is str)
+        and type(id_at) is int
+        and type(pid) is int
+        and type(dtype) is str
+        and type(rg) is bool
+    ):
+        raise DecodeError("bad pointer fields")
+    if dtype not in DECODABLE_DTYPES:
+        raise DecodeError(f"unknown dtype {dtype!r:.80}")
+    if shape is not None:
+        shape = tuple(_check_shape(shape))
+    ref = PointerRef(loc, addr, id_at, pid, shape, dtype, rg)
+    return pointer_factory(ref) if pointer_factory is not None else ref
+
+
+def _check_shape(shape: Any) -> list[int]:
+    """``shape`` as a list of sizes, or DecodeError: ints >= 0, ndim <= 64, no overflow."""
+    if type(shape) is not list:
+        raise DecodeError("a shape must be an array")
+    if len(shape) > MAX_NDIM:
+        raise DecodeError(f"a shape has more than {MAX_NDIM} dimensions")
+    span = 1  # product of the nonzero sizes: what torch's strides must hold
+    for s in shape:
+        if type(s) is not int or s < 0:
+            raise DecodeError(f"bad size in tensor shape: {s!r:.40}")
+        if s:
+            span *= s
+            if span > _MAX_NUMEL:
+                raise DecodeError("tensor shape overflows 64 bits")
+    return shape
 
 
 def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tensor:
+    # Everything is checked before anything is allocated; only bytes the blob carries are
+    # ever turned into a tensor (the header's numbers alone never size an allocation).
     try:
         dtype_name, shape, requires_grad, offset, nbytes, grad = header
-        dtype = DTYPES[dtype_name]
-        shape = [int(s) for s in shape]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:
         raise DecodeError(f"bad tensor header {header!r:.120}") from exc
-    if any(s < 0 for s in shape):
-        raise DecodeError(f"negative size in tensor shape {shape}")
-    t: torch.Tensor | None  # None only until one of the branches below builds it
+    dtype = DECODABLE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
+        raise DecodeError(f"unknown dtype in tensor header: {dtype_name!r:.80}")
+    shape = _check_shape(shape)
+    if type(offset) is not int or type(nbytes) is not int or type(requires_grad) is not bool:
+        raise DecodeError(f"bad tensor header {header!r:.120}")
     numel = 1
     for s in shape:
         numel *= s
@@ -387,13 +501,18 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
         raise DecodeError(
             f"tensor header says {dtype_name}{shape} ({numel * itemsize} bytes) but carries {nbytes}"
         )
-    if offset < 0 or offset + nbytes > buf_len:
+    if offset < 0 or nbytes < 0 or offset + nbytes > buf_len:
         raise DecodeError("tensor bytes lie outside the blob")
+    if grad is not None and not isinstance(grad, torch.Tensor):
+        raise DecodeError("tensor grad must be a tensor")
+    t: torch.Tensor | None  # None only until one of the branches below builds it
     if nbytes == 0:
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype)  # no elements: nothing is allocated
     else:
         start = base + offset
         raw = mv[start : start + nbytes]
+        if len(raw) != nbytes:  # cannot happen after the checks above; never trust it
+            raise DecodeError("tensor bytes lie outside the blob")
         t = None
         if nbytes >= VIEW_MIN_BYTES and not mv.readonly:
             view = torch.frombuffer(raw, dtype=torch.uint8)  # shares the frame's memory
@@ -411,7 +530,7 @@ def _tensor(header: Any, mv: memoryview, base: int, buf_len: int) -> torch.Tenso
             raise DecodeError(f"a {dtype_name} tensor cannot require grad")
         t.requires_grad_(True)
         if grad is not None:
-            if not isinstance(grad, torch.Tensor) or grad.shape != t.shape:
+            if grad.shape != t.shape or grad.dtype != t.dtype:
                 raise DecodeError("tensor grad does not match its tensor")
             t.grad = grad
     return t

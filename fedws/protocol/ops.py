@@ -6,6 +6,12 @@ properties. Both ends build it from their own torch, so an op name is just a str
 wire and a node only ever calls what this table maps it to. Whatever reaches files,
 processes, the network, storage sharing or process-wide state is left out (see ``DENIED``
 and ``_denied``), and a test walks the table to prove it.
+
+Memory safety is the other half: every op in the table must be safe on any arguments a
+peer can send. Sparse layouts (kernels trust their indices), quantized and packed tensors
+(opaque bytes, addresses inside), MKL-DNN/cuDNN/MIOpen internals and uninitialized memory
+are out. Ops that index (``index_put_``, ``take``, ``gather``, ``as_strided`` ...) stay:
+torch checks every index and stride against the storage, and tests prove it for each.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "OPS", "op_name", "resolve", "is_inplace", "FEDWS_OPS", "DENIED", "DENIED_PREFIXES", "DENIED_MODULES",
+    "DENIED_WORDS",
 ]
 
 # Never allowed, whatever namespace they are found in.
@@ -55,7 +62,26 @@ DENIED: frozenset[str] = frozenset(
         "thread_safe_generator", "compiled_with_cxx11_abi", "autocast_increment_nesting",
         "autocast_decrement_nesting", "clear_autocast_cache", "is_vulkan_available",
         "boolean_dispatch", "handle_torch_function", "assert_int_or_pair",
+        # sparse layouts: a sparse tensor's indices are trusted by the kernels that use it, so
+        # an out-of-range index (given to a constructor, or written through the aliases
+        # indices()/values() return) wrote into other tensors' memory and segfaulted the
+        # node. No sparse tensor can be built or taken apart: constructors, conversions and
+        # the accessors of sparse internals are denied (and the codec decodes no sparse layout).
+        "indices", "values", "crow_indices", "col_indices", "ccol_indices", "row_indices",
+        "indices_copy", "values_copy", "crow_indices_copy", "col_indices_copy",
+        "ccol_indices_copy", "row_indices_copy", "coalesce", "is_coalesced", "sparse_dim",
+        "dense_dim", "to_dense", "smm", "hsmm", "dsmm", "spmm", "hspmm", "sspaddmm",
+        "sparse_mask", "to_padded_tensor",
+        # quantized and packed tensors: opaque structures whose bytes are not the values
+        # (get() of a packed matrix returned 104 bytes of process memory with addresses)
+        "dequantize", "int_repr",
     }
+)
+# Never allowed when the name contains one of these (sparse, quantized, packed, backend
+# internals whose tensors are opaque). "quantile" is math, so "quant" alone is not a word here.
+DENIED_WORDS: tuple[str, ...] = (
+    "sparse", "quantiz", "_quant", "fbgemm", "packed", "_pack_", "mkldnn", "nnpack",
+    "cudnn", "miopen", "xnnpack", "vulkan", "to_padded", "nested",
 )
 DENIED_PREFIXES: tuple[str, ...] = (
     "_", "set_", "get_", "use_", "cuda", "mps", "xpu", "backends", "autograd",
@@ -64,6 +90,7 @@ DENIED_PREFIXES: tuple[str, ...] = (
     "lobpcg", "default_generator", "random", "overrides", "nested", "quantiz", "fork",
     "wait", "import_ir", "unify", "merge_type", "parse_", "vitals", "has_", "init_num",
     "empty_quantized", "is_autocast", "is_anomaly", "is_deterministic", "autocast",
+    "q_",  # q_scale, q_zero_point, q_per_channel_*: fields of quantized tensors
 )
 # Callables defined in these modules are helpers of torch's machinery, not math, whatever
 # name they are re-exported under.
@@ -96,7 +123,7 @@ def _denied(name: str) -> bool:
         return True
     if name.startswith("__"):
         return name not in _DUNDERS
-    return name.startswith(DENIED_PREFIXES)
+    return name.startswith(DENIED_PREFIXES) or any(w in name for w in DENIED_WORDS)
 
 
 def _lookup(by_func: dict[Any, str], fn: Any) -> str | None:

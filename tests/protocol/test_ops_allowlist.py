@@ -84,6 +84,9 @@ def test_no_op_reaches_outside_the_tensor(name: str) -> None:
         torch.Tensor.pin_memory, torch.Tensor.new_empty, torch.Tensor.new, torch.Tensor.resize_,
         torch.Tensor.__reduce_ex__, torch.Tensor.__setstate__, torch.Tensor.__deepcopy__,
         torch.Tensor.const_data_ptr, torch.Tensor.as_subclass,
+        torch.sparse_coo_tensor, torch.sparse_csr_tensor, torch.Tensor.to_sparse, torch.Tensor.indices,
+        torch.Tensor.values, torch.fbgemm_pack_quantized_matrix, torch.quantize_per_tensor,
+        torch.dequantize, torch.Tensor.int_repr, torch.Tensor.q_scale, torch.Tensor.to_mkldnn,
     ],
 )
 def test_dangerous_callables_have_no_name(fn) -> None:
@@ -109,10 +112,10 @@ def test_dangerous_modules_are_not_in_the_table() -> None:
 def test_resolve_and_op_name_agree() -> None:
     assert resolve("torch.add") is torch.add
     assert op_name(torch.add) == "torch.add"
-    # torch.mm, torch.dsmm and torch.spmm compare equal (one C function): all resolve, and
-    # pointers send the plain name
+    # torch.mm, torch.dsmm and torch.spmm compare equal (one C function); the sparse names
+    # are denied (sparse family), and pointers send the plain name
     assert op_name(torch.mm) == "torch.mm"
-    assert resolve("torch.dsmm") is not None and resolve("torch.spmm") is not None
+    assert resolve("torch.dsmm") is None and resolve("torch.spmm") is None
     assert op_name(F.linear) == "torch.nn.functional.linear"
     assert resolve("torch.save") is None
     assert resolve("os.system") is None
