@@ -17,24 +17,31 @@ import re
 import traceback
 from typing import Any
 
-from .. import exceptions as exc_mod
-from ..exceptions import FedwsError, RemoteError
+from ..exceptions import (
+    DependencyError,
+    FedwsError,
+    ObjectNotFoundError,
+    OpNotAllowedError,
+    PlanError,
+    RemoteError,
+    StoreFullError,
+)
 
 __all__ = ["error_to_wire", "error_from_wire", "error_traceback", "scrub_message", "MAX_MESSAGE"]
 
 _REMOTE_CLASSES: dict[str, type[RemoteError]] = {
     cls.__name__: cls
     for cls in (
-        exc_mod.RemoteError,
-        exc_mod.ObjectNotFoundError,
-        exc_mod.OpNotAllowedError,
-        exc_mod.DependencyError,
-        exc_mod.StoreFullError,
-        exc_mod.PlanError,
+        RemoteError,
+        ObjectNotFoundError,
+        OpNotAllowedError,
+        DependencyError,
+        StoreFullError,
+        PlanError,
     )
 }
 # Node-side protocol errors reach the client as remote errors of the same name.
-_REMOTE_CLASSES["DecodeError"] = exc_mod.RemoteError
+_REMOTE_CLASSES["DecodeError"] = RemoteError
 # Characters of a message on the wire (a DependencyError chains its cause's message, so
 # this also bounds how much a chain of failures can grow).
 MAX_MESSAGE = 2000
