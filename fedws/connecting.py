@@ -25,7 +25,7 @@ SCHEMES = ("ws", "wss", "inproc")
 """URL schemes :func:`connect` understands."""
 
 
-def _federation(hook: TorchHook | Federation | None, federation: Federation | None) -> Federation:
+def _federation(hook: TorchHook | Federation[Worker] | None, federation: Federation[Worker] | None) -> Federation[Worker]:
     if federation is not None:
         if hook is not None and as_federation(hook) is not federation:
             raise ValueError("give hook or federation, not two different ones")
@@ -43,7 +43,7 @@ def _scheme(url: str) -> str:
     return scheme
 
 
-def _inproc(url: str, federation: Federation, id: str | None, timeout: float | None) -> Worker:
+def _inproc(url: str, federation: Federation[Worker], id: str | None, timeout: float | None) -> Worker:
     name = inproc_name(url)
     handler = lookup_node(name)
 
@@ -59,8 +59,8 @@ def connect(
     url: str,
     token: str | None = None,
     *,
-    hook: TorchHook | Federation | None = None,
-    federation: Federation | None = None,
+    hook: TorchHook | Federation[Worker] | None = None,
+    federation: Federation[Worker] | None = None,
     id: str | None = None,
     timeout: float | None = 60.0,
     connect_timeout: float = 10.0,
@@ -109,8 +109,8 @@ async def connect_async(
     url: str,
     token: str | None = None,
     *,
-    hook: TorchHook | Federation | None = None,
-    federation: Federation | None = None,
+    hook: TorchHook | Federation[Worker] | None = None,
+    federation: Federation[Worker] | None = None,
     id: str | None = None,
     timeout: float | None = 60.0,
     connect_timeout: float = 10.0,

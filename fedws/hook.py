@@ -33,12 +33,12 @@ from .virtual import VirtualWorker
 
 __all__ = ["TorchHook", "send_tensor", "default_federation", "current_federation"]
 
-_default: Federation | None = None
-_latest: Federation | None = None
+_default: Federation[Worker] | None = None
+_latest: Federation[Worker] | None = None
 _default_lock = threading.Lock()
 
 
-def default_federation() -> Federation:
+def default_federation() -> Federation[Worker]:
     """The process's default federation, made (with its local worker ``me``) on first use.
 
     Every ``sy.TorchHook(torch)`` and every ``sy.connect(url)`` without an explicit
@@ -51,7 +51,7 @@ def default_federation() -> Federation:
         return _default
 
 
-def current_federation() -> Federation | None:
+def current_federation() -> Federation[Worker] | None:
     """The federation of the latest TorchHook (``sy.local_worker`` is its ``me``).
 
     Before any hook: the default federation if ``sy.connect`` already made it, else None.
@@ -59,7 +59,7 @@ def current_federation() -> Federation | None:
     return _latest if _latest is not None else _default
 
 
-def _complete(federation: Federation) -> Federation:
+def _complete(federation: Federation[Worker]) -> Federation[Worker]:
     """Hand the pointer factory in and make the local worker ``me`` if missing."""
     _install()
     if federation.pointer_factory is None:
@@ -88,7 +88,7 @@ class TorchHook:
         workers: every worker of the federation, by id.
     """
 
-    def __init__(self, torch_module: Any = torch, *, federation: Federation | None = None) -> None:
+    def __init__(self, torch_module: Any = torch, *, federation: Federation[Worker] | None = None) -> None:
         if torch_module is not torch:
             raise TypeError("TorchHook expects the torch module: sy.TorchHook(torch)")
         global _latest

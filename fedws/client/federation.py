@@ -10,9 +10,9 @@ live in one process; the default one is chosen by the top-level API, never here.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..exceptions import FedwsError, PointerError
 from .io_thread import in_io_thread, wait
@@ -31,28 +31,15 @@ class Member(Protocol):
     def ack_future(self, seq: int) -> Future[Any]: ...
 
 
-Worker = Member  # the name the signatures below read best with
+W = TypeVar("W", bound=Member)
+
+# Builds the user-facing pointer for an object on a worker; called as
+# ``factory(location, id_at_location, *, shape, dtype, requires_grad, owner, id=None, seq=0,
+# owns=True)`` (``fedws.pointers.make_pointer`` is the one TorchHook hands in).
+PointerFactory = Callable[..., Any]
 
 
-class PointerFactory(Protocol):
-    """Builds the user-facing pointer for an object on ``location`` (``make_pointer``)."""
-
-    def __call__(
-        self,
-        location: Worker,
-        id_at_location: int,
-        *,
-        shape: Sequence[int] | None,
-        dtype: Any,
-        requires_grad: bool,
-        owner: Worker,
-        id: int | None = None,
-        seq: int = 0,
-        owns: bool = True,
-    ) -> Any: ...
-
-
-class Federation:
+class Federation(Generic[W]):
     """Workers by id, the local worker, and the pointer factory of one coordinator.
 
     Args:
@@ -67,11 +54,11 @@ class Federation:
 
     def __init__(self, pointer_factory: PointerFactory | None = None) -> None:
         self.pointer_factory = pointer_factory
-        self.workers: dict[str, Worker] = {}
-        self.local_worker: Worker | None = None
+        self.workers: dict[str, W] = {}
+        self.local_worker: W | None = None
         self._lock = threading.Lock()
 
-    def register(self, worker: Worker) -> None:
+    def register(self, worker: W) -> None:
         """Add ``worker``; the local worker can then follow pointers to it."""
         with self._lock:
             self.workers[worker.id] = worker
@@ -79,7 +66,7 @@ class Federation:
         if local is not None and local is not worker:
             local.peers[worker.id] = worker
 
-    def unregister(self, worker: Worker) -> None:
+    def unregister(self, worker: W) -> None:
         """Forget ``worker`` if it is the one registered under its id."""
         with self._lock:
             if self.workers.get(worker.id) is worker:
@@ -89,11 +76,11 @@ class Federation:
             del local.peers[worker.id]
 
     @property
-    def owner(self) -> Worker | None:
+    def owner(self) -> W | None:
         """Who owns pointers made by the coordinator: the local worker."""
         return self.local_worker
 
-    def make_pointer(self, location: Worker, id_at_location: int, **kwargs: Any) -> Any:
+    def make_pointer(self, location: W, id_at_location: int, **kwargs: Any) -> Any:
         """Build a pointer with the factory handed in.
 
         Raises:
@@ -106,7 +93,7 @@ class Federation:
             )
         return factory(location, id_at_location, **kwargs)
 
-    def settle(self, exclude: Worker | None = None, timeout: float | None = None) -> None:
+    def settle(self, exclude: W | None = None, timeout: float | None = None) -> None:
         """Wait until every worker (but ``exclude``) has run the commands sent to it.
 
         What the sync API observes then follows program order even across nodes: a command

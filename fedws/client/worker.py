@@ -38,7 +38,7 @@ _OBSERVING = frozenset({Kind.INFO, Kind.SEARCH})
 executing_on: ContextVar[Worker | None] = ContextVar("executing_on", default=None)
 
 
-def as_federation(hook: Any) -> Federation | None:
+def as_federation(hook: Any) -> Federation[Worker] | None:
     """The federation behind a worker constructor's first argument (a TorchHook or a Federation)."""
     if hook is None or isinstance(hook, Federation):
         return hook
@@ -95,7 +95,7 @@ class Worker:
         if not isinstance(id, str) or not id:
             raise ValueError(f"worker id must be a non-empty string, got {id!r}")
         self.id = id
-        self.federation: Federation | None = as_federation(hook)
+        self.federation: Federation[Worker] | None = as_federation(hook)
         self.timeout = timeout
         self.session = Session(id)
         self.endpoint = SessionEndpoint(self)
@@ -234,7 +234,7 @@ class Worker:
         local = self.federation.local_worker if self.federation is not None else None
         return local if isinstance(local, Worker) else self
 
-    def _federation(self) -> Federation:
+    def _federation(self) -> Federation[Worker]:
         if self.federation is None:
             raise PointerError(f"worker {self.id!r} belongs to no federation: it cannot make pointers")
         return self.federation
