@@ -111,7 +111,7 @@ class ObjectStore:
                 changed.
         """
         size = _nbytes(obj) if self.max_bytes is not None else 0  # outside the lock: no store state
-        tag_set = frozenset(tags)
+        tag_set = frozenset(tags) if tags else _NO_TAGS
         with self.lock:
             old = self._sizes.get(obj_id, 0)
             if self.max_bytes is not None and self.nbytes - old + size > self.max_bytes:

@@ -115,13 +115,13 @@ def _id(kind: Kind, name: str, v: Any) -> int:
 
 
 def _ids(kind: Kind, name: str, v: Any) -> list[int]:
-    if type(v) is not list or not all(_is_id(i) for i in v):
+    if type(v) is not list or not all([type(i) is int for i in v]):
         raise _bad(kind, f"{name} must be a list of ints", v)
     return v
 
 
 def _strs(kind: Kind, name: str, v: Any) -> list[str]:
-    if type(v) is not list or not all(type(s) is str for s in v):
+    if type(v) is not list or not all([type(s) is str for s in v]):
         raise _bad(kind, f"{name} must be a list of strings", v)
     return v
 
@@ -209,7 +209,7 @@ class Cmd(Request):
         op, args, kwargs, result_ids = fields[:4]
         if type(args) is not list:
             raise _bad(k, "args must be a list", args)
-        if type(kwargs) is not dict or not all(type(key) is str for key in kwargs):
+        if type(kwargs) is not dict or (kwargs and not all([type(key) is str for key in kwargs])):
             raise _bad(k, "kwargs must be a dict with string keys", kwargs)
         grad = _bool(k, "grad_enabled", fields[4]) if len(fields) == 5 else True
         return cls(_str(k, "op", op), args, kwargs, _ids(k, "result_ids", result_ids), grad)
@@ -435,6 +435,7 @@ class StorePlan(Request):
 REQUESTS: dict[Kind, type[Request]] = {
     cls.KIND: cls for cls in (Cmd, Store, Get, Delete, Search, Info, Clear, RunPlan, AddPeer, Ping, StorePlan)
 }
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}  # Kind(n) is slow on a hot path
 
 
 def split_request(msg: Any) -> tuple[Kind, int, list[Any]]:
@@ -445,12 +446,13 @@ def split_request(msg: Any) -> tuple[Kind, int, list[Any]]:
     """
     if type(msg) is not list or len(msg) < 2:
         raise DecodeError(f"malformed request: expected [kind, seq, *fields], got {type(msg).__name__}")
-    kind, seq = msg[0], msg[1]
-    if type(kind) is not int or kind not in REQUESTS:
-        raise DecodeError(f"malformed request: unknown kind {kind!r:.40}")
+    kind = _KINDS.get(msg[0]) if type(msg[0]) is int else None
+    if kind is None:
+        raise DecodeError(f"malformed request: unknown kind {msg[0]!r:.40}")
+    seq = msg[1]
     if type(seq) is not int:
-        raise DecodeError(f"malformed {Kind(kind).name} request: seq must be an int, got {type(seq).__name__}")
-    return Kind(kind), seq, msg[2:]
+        raise DecodeError(f"malformed {kind.name} request: seq must be an int, got {type(seq).__name__}")
+    return kind, seq, msg[2:]
 
 
 def parse_request(kind: Kind, fields: Sequence[Any]) -> Request:

@@ -9,10 +9,12 @@ fails that a single caller would not see fail, and the byte count does not drift
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,8 +31,9 @@ from fedws.protocol.messages import Kind
 # another thread, it used the result of such a request, or the cap was reached.
 EXPECTED = {"ObjectNotFoundError", "DependencyError", "StoreFullError"}
 ROUNDS = 1500
-IDS = list(range(1, 65))
-PREFILL = 4000  # a small id space, so threads collide on purpose
+IDS = list(range(1, 65))  # a small id space, so threads collide on purpose
+PREFILL = 2000  # objects on the node before the coordinators start
+LISTS = 30
 
 
 @pytest.fixture(autouse=True)
@@ -145,9 +148,11 @@ def test_describing_skips_objects_deleted_meanwhile() -> None:
     assert _hammer(node, [storer, storer, describer, describer]) == []
 
 
-def test_node_process_serves_three_coordinators_at_once() -> None:
-    # The node runs with the normal thread switch interval, so the store is made big
-    # enough that one listing takes longer than a switch: a store without a lock fails here.
+def test_node_process_serves_three_coordinators_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The node process switches threads every few microseconds too (a sitecustomize on its
+    # path), so a race between its connection threads shows up within a few requests.
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.setswitchinterval(1e-5)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     node = start_node(id="hammer", port=0, extra_args=["--threads", "1"])
     workers: list[Any] = []
     try:
@@ -159,26 +164,30 @@ def test_node_process_serves_three_coordinators_at_once() -> None:
         storer_w.ping()
         failures: list[str] = []
         start = threading.Barrier(3)
-
-        done = threading.Event()
+        done = threading.Event()  # the storer goes on until the others are through
 
         def storer() -> None:
-            # Products keep the node's thread for this connection busy (torch lets go of
-            # the GIL while it multiplies), and each stores a result and deletes the last.
-            x = torch.rand(160, 160).send(storer_w)
+            # Products and bursts of stores keep the node's thread for this connection busy
+            # while the others search and list; each product also deletes the one before.
+            x = torch.rand(128, 128).send(storer_w)
             start.wait()
-            for i in range(5000):
-                if done.is_set():
-                    break
-                y = x @ x
-                storer_w.store(torch.ones(8), obj_id=new_id(), tags=["#h"], description="more")
-                if i % 50 == 49:
-                    storer_w.ping()
-            del y
+            try:
+                for i in range(5000):
+                    if done.is_set():
+                        break
+                    y = x @ x
+                    for _ in range(10):
+                        storer_w.store(torch.ones(8), obj_id=new_id(), tags=["#h"], description="more")
+                    if i % 20 == 19:
+                        storer_w.ping()
+                storer_w.ping()
+                del y
+            except Exception as exc:
+                failures.append(f"store: {exc!r}")
 
         def searcher() -> None:
             start.wait()
-            for i in range(40):
+            for i in range(LISTS):
                 try:
                     found = searcher_w.search("#h" if i % 2 else "#mine")
                     del found
@@ -187,7 +196,7 @@ def test_node_process_serves_three_coordinators_at_once() -> None:
 
         def lister() -> None:
             start.wait()
-            for _ in range(40):
+            for _ in range(LISTS):
                 try:
                     mine = [torch.zeros(2).send(lister_w).tag("#mine") for _ in range(5)]
                     lister_w.list_objects_remote()
