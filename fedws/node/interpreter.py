@@ -2,27 +2,26 @@
 
 :func:`execute` walks a :class:`PlanCode` op by op. It only ever calls what an op name
 resolves to in the allowlist (or fedws's own ops), so a plan from the wire is data being
-interpreted, never code being run. :func:`store_plan` and :func:`run_plan` are the node's
-handlers for ``Kind.STORE_PLAN`` and ``Kind.RUN_PLAN``; the node turns what they raise into
-error replies and stores failures under the result ids.
+interpreted, never code being run. :func:`store_plan` and :func:`run_plan` do the work of
+the node's ``Kind.STORE_PLAN`` and ``Kind.RUN_PLAN`` requests; they are given the store and
+the node's resolvers, not the node, so this module does not depend on :mod:`.node`. The
+node turns what they raise into error replies and stores failures under the result ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..exceptions import DependencyError, FedwsError, PlanError
 from ..protocol.codec import ObjRef
-from ..protocol.errors import error_to_wire
+from ..protocol.messages import RunPlan, StorePlan
 from ..protocol.ops import resolve
 from ..protocol.plan import PlanCode
-from .store import Failure
-
-if TYPE_CHECKING:
-    from .node import Node
+from ..protocol.tree import tree_map
+from .store import Failure, ObjectStore
 
 __all__ = [
     "execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "local_resolver",
@@ -66,16 +65,8 @@ def flat_outputs(out: Any) -> list[Any]:
 
 
 def _load(obj: Any, regs: list[Any]) -> Any:
-    t = type(obj)
-    if t is ObjRef:
-        return regs[obj.id]
-    if t is list:
-        return [_load(x, regs) for x in obj]
-    if t is tuple:
-        return tuple(_load(x, regs) for x in obj)
-    if t is dict:
-        return {k: _load(v, regs) for k, v in obj.items()}
-    return obj
+    """``obj`` with every register ref replaced by the register's value."""
+    return tree_map(lambda x: regs[x.id] if type(x) is ObjRef else x, obj)
 
 
 def execute(
@@ -142,48 +133,54 @@ class StoredPlan:
         return f"<Plan {self.code.name} ops:{len(self.code.ops)} state:{len(self.state)}>"
 
 
-def store_plan(node: Node, msg: list[Any]) -> None:
-    """``[STORE_PLAN, seq, plan_id, plan]``: check every op against the allowlist, then keep it.
+def store_plan(store: ObjectStore, request: StorePlan, *, worker: str) -> None:
+    """Check every op of the plan against the allowlist, then keep it under its id.
 
-    A refused plan leaves a failure under its id, so running it later fails with the reason.
+    Raises:
+        OpNotAllowedError, DecodeError: the plan is refused (the node then holds the
+            failure under the plan's id, so running it later fails with the reason).
     """
-    _, _, plan_id, wire = msg
-    try:
-        code, state = PlanCode.from_wire(wire, worker=node.id)
-    except Exception as exc:
-        node.store.objects[plan_id] = Failure(error_to_wire(exc, worker=node.id, obj_id=plan_id))
-        raise
-    node.store.set(plan_id, StoredPlan(code, state))
+    code, state = PlanCode.from_wire(request.plan, worker=worker)
+    store.set(request.plan_id, StoredPlan(code, state))
 
 
-def run_plan(node: Node, msg: list[Any]) -> None:
-    """``[RUN_PLAN, seq, plan_id, args, result_ids]``: run a stored plan, store its outputs."""
-    _, _, plan_id, args, result_ids = msg
-    stored = node.store.get(plan_id)
+def run_plan(
+    store: ObjectStore,
+    request: RunPlan,
+    *,
+    resolve_args: Callable[[Any], Any],
+    resolver: Callable[[str], Callable[..., Any] | None],
+    worker: str,
+) -> None:
+    """Run a stored plan on the request's arguments and store its outputs.
+
+    Args:
+        store: where the plan is and where the outputs go.
+        request: plan id, arguments (refs to stored objects or literals), result ids.
+        resolve_args: replaces the refs in the arguments by stored objects (raises for
+            a stored failure).
+        resolver: op name -> callable, the node's allowlist and its own ops.
+        worker: the node's id, for error messages.
+    """
+    plan_id, result_ids = request.plan_id, request.result_ids
+    stored = store.get(plan_id)
     if type(stored) is Failure:
         raise DependencyError(
             f"plan {plan_id} was refused when it was sent: "
             f"{stored.error.get('type')}: {stored.error.get('message')}",
-            worker=node.id,
+            worker=worker,
             obj_id=plan_id,
             remote_type=stored.error.get("type"),
             remote_message=stored.error.get("message"),
         )
     if not isinstance(stored, StoredPlan):
-        raise TypeError(f"object {plan_id} on worker {node.id!r} is a {type(stored).__name__}, not a plan")
+        raise TypeError(f"object {plan_id} on worker {worker!r} is a {type(stored).__name__}, not a plan")
     code = stored.code
-    if not isinstance(args, list) or not isinstance(result_ids, list):
-        raise TypeError("run_plan: args and result ids must be lists")
-    if len(args) != code.n_args:
-        raise TypeError(f"plan {code.name!r} takes {code.n_args} arguments, got {len(args)}")
+    if len(request.args) != code.n_args:
+        raise TypeError(f"plan {code.name!r} takes {code.n_args} arguments, got {len(request.args)}")
     if len(result_ids) != len(code.outputs):
         raise TypeError(f"plan {code.name!r} has {len(code.outputs)} outputs, got {len(result_ids)} result ids")
-    inputs = flat_tensors(node.resolve_args(args))
-    fedws_ops = node.fedws_ops
-
-    def resolver(name: str) -> Callable[..., Any] | None:
-        return fedws_ops.get(name) or resolve(name)
-
-    outputs = execute(code, inputs, stored.state, resolver, worker=node.id)
+    inputs = flat_tensors(resolve_args(request.args))
+    outputs = execute(code, inputs, stored.state, resolver, worker=worker)
     for rid, value in zip(result_ids, outputs):
-        node.store.set(rid, value)
+        store.set(rid, value)

@@ -23,26 +23,45 @@ from ..exceptions import (
     FedwsError,
     OpNotAllowedError,
     PointerError,
-    ProtocolError,
 )
 from ..protocol import codec
 from ..protocol.codec import ObjRef, PointerRef
 from ..protocol.errors import error_from_wire, error_to_wire
 from ..protocol.ids import planned_result_ids
-from ..protocol.messages import FRAME_ERROR_SEQ, Kind
+from ..protocol.messages import (
+    FRAME_ERROR_SEQ,
+    REQUESTS,
+    AddPeer,
+    Clear,
+    Cmd,
+    Delete,
+    Get,
+    Info,
+    Kind,
+    Ping,
+    RunPlan,
+    Search,
+    Store,
+    StorePlan,
+    split_request,
+)
 from ..protocol.ops import resolve
+from ..protocol.tree import tree_map
 from .interpreter import TENSOR_FEDWS_OPS, run_plan, store_plan
-from .store import Failure, ObjectStore
+from .store import Entry, Failure, ObjectStore
 
 __all__ = ["Node"]
 
 log = logging.getLogger("fedws.node")
 
-_NO_VALUE = object()
+_NO_VALUE: Any = object()
 
 
 class Node:
     """One worker's objects and the rules for acting on them.
+
+    Safe to share between threads: each thread's frames run in order, and the store keeps
+    its own concurrency contract (see :mod:`fedws.node.store`).
 
     Args:
         id: the worker id, used in every error message.
@@ -64,9 +83,9 @@ class Node:
         self.store = ObjectStore(id, max_store_bytes)
         self.pointer_factory = pointer_factory
         self.add_peer = add_peer
-        self.plans: dict[int, Any] = {}
         self._frame = threading.local()
-        self._handlers: dict[int, Callable[[list[Any]], Any]] = {
+        # Each handler takes the record of its kind (see fedws.protocol.messages).
+        self._handlers: dict[Kind, Callable[[Any], Any]] = {
             Kind.CMD: self._cmd,
             Kind.STORE: self._store,
             Kind.GET: self._get,
@@ -76,7 +95,7 @@ class Node:
             Kind.CLEAR: self._clear,
             Kind.RUN_PLAN: self._run_plan,
             Kind.ADD_PEER: self._add_peer,
-            Kind.PING: lambda msg: "pong",
+            Kind.PING: self._ping,
             Kind.STORE_PLAN: self._store_plan,
         }
         self.fedws_ops: dict[str, Callable[..., Any]] = {
@@ -92,7 +111,8 @@ class Node:
         errors: list[list[Any]] = []
         watermark = 0
         # Per-thread: a WebSocket node runs one handler thread per connection.
-        self._frame.after_reply = []
+        state = self._frame
+        state.after_reply = []
         try:
             blobs = list(codec.iter_blobs(frame))
         except DecodeError as exc:
@@ -106,22 +126,20 @@ class Node:
                 # pointer can fail (an unknown peer), and that failure belongs to this request
                 # (its seq, its object), not to the frame.
                 msg = codec.decode(blob, _recorder(arrived) if self.pointer_factory else None)
-                kind, seq = msg[0], msg[1]
-                if not isinstance(seq, int) or isinstance(seq, bool):
-                    raise TypeError("seq must be an int")
-                handler = self._handlers[kind]
+                kind, seq, fields = split_request(msg)
             except (DecodeError, TypeError, KeyError, IndexError, ValueError) as exc:
                 bad = exc if isinstance(exc, DecodeError) else DecodeError(f"malformed request: {exc!r}")
                 log.warning("node %s: rejected request: %s", self.id, bad)
                 errors.append([FRAME_ERROR_SEQ, error_to_wire(bad, worker=self.id), []])
                 continue
             watermark = max(watermark, seq)
+            state.seq = seq
             try:
                 if arrived:
-                    msg = self._materialize(msg)
-                out = handler(msg)
+                    fields = tree_map(self._materialize, fields)
+                out = self._handlers[kind](REQUESTS[kind].parse(fields))
             except Exception as exc:  # any failure becomes an error reply, never a crash
-                errors.append([seq, *self._describe_failure(exc, kind, msg)])
+                errors.append([seq, *self._describe_failure(exc, kind, fields)])
                 continue
             if out is not _NO_VALUE:
                 values.append([seq, out])
@@ -130,6 +148,7 @@ class Node:
     def _encode_reply(
         self, watermark: int, values: list[list[Any]], errors: list[list[Any]]
     ) -> list[bytes | memoryview]:
+        after: list[tuple[int, Callable[[], None]]] = self._frame.after_reply
         try:
             reply = codec.encode([watermark, values, errors])
         except EncodeError:
@@ -141,100 +160,85 @@ class Node:
                     good.append([seq, value])
                 except EncodeError as exc:
                     errors.append([seq, error_to_wire(exc, worker=self.id), []])
-                    self._frame.after_reply = [f for f in self._frame.after_reply if getattr(f, "seq", None) != seq]
+                    after = [(s, f) for s, f in after if s != seq]
             reply = codec.encode([watermark, good, errors])
-        for finish in self._frame.after_reply:  # removals of gotten objects, once the reply exists
-            finish()
         self._frame.after_reply = []
+        for _, finish in after:  # removals of gotten objects, once the reply exists
+            finish()
         return reply
 
-    def _describe_failure(self, exc: BaseException, kind: int, msg: list[Any]) -> list[Any]:
-        op = msg[2] if kind == Kind.CMD and len(msg) > 2 else None
-        result_ids: list[int] = []
-        obj_id = None
-        if kind == Kind.CMD and len(msg) > 5 and isinstance(msg[5], list):
-            result_ids = [i for i in msg[5] if isinstance(i, int)]
-        elif kind == Kind.RUN_PLAN and len(msg) > 4 and isinstance(msg[4], list):
-            result_ids = [i for i in msg[4] if isinstance(i, int)]
-        elif kind in (Kind.GET, Kind.STORE) and len(msg) > 2:
-            obj_id = msg[2]
-            if kind == Kind.STORE and isinstance(obj_id, int):
-                # A store that failed (store full, a pointer to an unknown peer) leaves its error
-                # where the object would be, so commands using it fail with this cause.
-                result_ids = [obj_id]
-        if result_ids:
-            obj_id = result_ids[0]
+    def _after_reply(self, finish: Callable[[], None]) -> None:
+        """Run ``finish`` once the reply to the current frame is encoded (if its value is in it)."""
+        self._frame.after_reply.append((self._frame.seq, finish))
+
+    def _describe_failure(self, exc: BaseException, kind: Kind, fields: list[Any]) -> list[Any]:
+        blame = REQUESTS[kind].blame(fields)
+        result_ids = list(blame.result_ids)
+        obj_id = result_ids[0] if result_ids else blame.obj_id
         if not isinstance(exc, FedwsError):
-            log.info("node %s: %s failed: %s: %s", self.id, op or Kind(kind).name, type(exc).__name__, exc)
-        wire = error_to_wire(exc, worker=self.id, obj_id=obj_id, op=op)
-        failure = Failure(wire)
-        for rid in result_ids:  # later commands that use these fail the same way
-            self.store.objects[rid] = failure
+            log.info("node %s: %s failed: %s: %s", self.id, blame.op or kind.name, type(exc).__name__, exc)
+        wire = error_to_wire(exc, worker=self.id, obj_id=obj_id, op=blame.op)
+        if result_ids:  # later commands that use these fail the same way
+            self.store.record_failure(result_ids, wire)
         return [wire, result_ids]
 
     # -- arguments ----------------------------------------------------------------------
 
-    def _materialize(self, obj: Any) -> Any:
-        """Replace every PointerRef in a decoded request by a live pointer of this node."""
-        t = type(obj)
-        if t is PointerRef:
+    def _materialize(self, leaf: Any) -> Any:
+        """A PointerRef that arrived becomes a live pointer of this node."""
+        if type(leaf) is PointerRef:
             assert self.pointer_factory is not None
-            return self.pointer_factory(obj)
-        if t is list:
-            return [self._materialize(x) for x in obj]
-        if t is tuple:
-            return tuple(self._materialize(x) for x in obj)
-        if t is dict:
-            return {k: self._materialize(v) for k, v in obj.items()}
-        if t is set:
-            return {self._materialize(x) for x in obj}
-        return obj
+            return self.pointer_factory(leaf)
+        return leaf
 
     def resolve_args(self, obj: Any) -> Any:
-        """Replace every ObjRef in ``obj`` by the stored object it names."""
-        t = type(obj)
-        if t is ObjRef:
-            value = self.store.get(obj.id)
-            if type(value) is Failure:
-                # The message carries the cause (type and text), so the caller reads why.
-                text = (
-                    f"object {obj.id} is the result of a command that failed: "
-                    f"{value.error.get('type')}: {value.error.get('message')}"
-                )
-                raise DependencyError(
-                    text,
-                    worker=self.id,
-                    obj_id=obj.id,
-                    remote_type=value.error.get("type"),
-                    remote_message=text,
-                )
-            return value
-        if t is list:
-            return [self.resolve_args(x) for x in obj]
-        if t is tuple:
-            return tuple(self.resolve_args(x) for x in obj)
-        if t is dict:
-            return {k: self.resolve_args(v) for k, v in obj.items()}
-        return obj
+        """Replace every ObjRef in ``obj`` by the stored object it names.
+
+        Raises:
+            ObjectNotFoundError: a ref names no stored object.
+            DependencyError: a ref names the result of a command that failed.
+        """
+        return tree_map(self._resolve_ref, obj)
+
+    def _resolve_ref(self, leaf: Any) -> Any:
+        if type(leaf) is not ObjRef:
+            return leaf
+        value = self.store.get(leaf.id)
+        if type(value) is Failure:
+            # The message carries the cause (type and text), so the caller reads why.
+            text = (
+                f"object {leaf.id} is the result of a command that failed: "
+                f"{value.error.get('type')}: {value.error.get('message')}"
+            )
+            raise DependencyError(
+                text,
+                worker=self.id,
+                obj_id=leaf.id,
+                remote_type=value.error.get("type"),
+                remote_message=text,
+            )
+        return value
+
+    def resolve_op(self, name: str) -> Callable[..., Any] | None:
+        """The callable an op name stands for on this node: its own ops, then the allowlist."""
+        return self.fedws_ops.get(name) or resolve(name)
 
     # -- requests -----------------------------------------------------------------------
 
-    def _cmd(self, msg: list[Any]) -> Any:
-        _, _, op, args, kwargs, result_ids, *rest = msg
-        grad_enabled = bool(rest[0]) if rest else True  # the caller's (thread-local) grad mode
-        fn = self.fedws_ops.get(op) or resolve(op)
+    def _cmd(self, req: Cmd) -> Any:
+        fn = self.resolve_op(req.op)
         if fn is None:
             raise OpNotAllowedError(
-                f"op {op!r} is not allowed on worker {self.id!r}", worker=self.id, op=op
+                f"op {req.op!r} is not allowed on worker {self.id!r}", worker=self.id, op=req.op
             )
-        args = self.resolve_args(args)
-        kwargs = self.resolve_args(kwargs) if kwargs else {}
-        if grad_enabled == torch.is_grad_enabled():
-            result = self.call(fn, args, kwargs, result_ids)
+        args = self.resolve_args(req.args)
+        kwargs = self.resolve_args(req.kwargs) if req.kwargs else {}
+        if req.grad_enabled == torch.is_grad_enabled():  # the caller's (thread-local) grad mode
+            result = self.call(fn, args, kwargs, req.result_ids)
         else:
-            with torch.set_grad_enabled(grad_enabled):
-                result = self.call(fn, args, kwargs, result_ids)
-        self.store_results(op, result, result_ids)
+            with torch.set_grad_enabled(req.grad_enabled):
+                result = self.call(fn, args, kwargs, req.result_ids)
+        self.store_results(req.op, result, req.result_ids)
         return _NO_VALUE
 
     def call(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], result_ids: list[int]) -> Any:
@@ -246,6 +250,7 @@ class Node:
             planned_result_ids.reset(token)
 
     def store_results(self, op: str, result: Any, result_ids: list[int]) -> None:
+        """Store ``result`` under ``result_ids``: one id takes it whole, several split it."""
         n = len(result_ids)
         if n == 0:
             return
@@ -259,87 +264,68 @@ class Node:
         for rid, item in zip(result_ids, result):
             self.store.set(rid, item)
 
-    def _store(self, msg: list[Any]) -> Any:
-        _, _, obj_id, obj, tags, description = msg
-        self.store.set(obj_id, obj, tags or (), description)
+    def _store(self, req: Store) -> Any:
+        self.store.set(req.obj_id, req.obj, req.tags, req.description)
         return _NO_VALUE
 
-    def _get(self, msg: list[Any]) -> Any:
-        _, _, obj_id, remove = msg
-        value = self.store.get(obj_id)
+    def _get(self, req: Get) -> Any:
+        value = self.store.get(req.obj_id)
         if type(value) is Failure:  # get() surfaces the error of the command that made it
             raise error_from_wire(value.error)
-        if remove:
-            def finish(obj_id: int = obj_id, value: Any = value) -> None:
+        if req.remove:
+            def finish(obj_id: int = req.obj_id, value: Any = value) -> None:
                 release = getattr(value, "_fedws_release", None)
                 if release is not None:  # a pointer leaves: its new holder owns the data
                     release()
                 self.store.delete(obj_id)
 
-            finish.seq = msg[1]  # type: ignore[attr-defined]
-            self._frame.after_reply.append(finish)
+            self._after_reply(finish)
         return value
 
-    def _delete(self, msg: list[Any]) -> Any:
-        for obj_id in msg[2]:
-            self.store.delete(obj_id)
+    def _delete(self, req: Delete) -> Any:
+        self.store.delete_many(req.ids)
         return _NO_VALUE
 
-    def _search(self, msg: list[Any]) -> Any:
-        tags = msg[2]
-        return [self._describe(i) for i in self.store.search(tags)]
+    def _search(self, req: Search) -> Any:
+        return [_describe(e) for e in self.store.entries(self.store.search(req.tags))]
 
-    def _describe(self, obj_id: int) -> list[Any]:
-        obj = self.store.objects[obj_id]
-        shape: list[int] | None = None
-        dtype, rg = "float32", False
-        if isinstance(obj, torch.Tensor):
-            shape, dtype, rg = list(obj.shape), codec.DTYPE_NAMES[obj.dtype], obj.requires_grad
-        return [
-            obj_id,
-            type(obj).__name__,
-            shape,
-            dtype,
-            rg,
-            sorted(self.store.tags.get(obj_id, ())),
-            self.store.descriptions.get(obj_id),
-        ]
-
-    def _info(self, msg: list[Any]) -> Any:
-        what = msg[2]
+    def _info(self, req: Info) -> Any:
+        what = req.what
         if what == "count":
             return len(self.store)
         if what == "list":
-            return [self._describe(i) for i in self.store.objects]
+            return [_describe(e) for e in self.store.entries()]
         if what == "nbytes":
             return self.store.nbytes
-        if what == "meta":
-            return _meta(self.store.get(msg[3]))
-        raise ProtocolError(f"unknown info request {what!r}")
+        assert what == "meta" and req.obj_id is not None  # Info.parse admits nothing else
+        return _meta(self.store.get(req.obj_id))
 
-    def _clear(self, msg: list[Any]) -> Any:
+    def _clear(self, req: Clear) -> Any:
         self.store.clear()
         return _NO_VALUE
 
-    def _add_peer(self, msg: list[Any]) -> Any:
+    def _ping(self, req: Ping) -> Any:
+        return "pong"
+
+    def _add_peer(self, req: AddPeer) -> Any:
         if self.add_peer is None:
             raise PointerError(f"worker {self.id!r} cannot open links to other workers")
-        self.add_peer(msg[2], msg[3])
+        self.add_peer(req.worker_id, req.address)
         return _NO_VALUE
 
-    def _run_plan(self, msg: list[Any]) -> Any:
-        run_plan(self, msg)
+    def _run_plan(self, req: RunPlan) -> Any:
+        run_plan(self.store, req, resolve_args=self.resolve_args, resolver=self.resolve_op, worker=self.id)
         return _NO_VALUE
 
-    def _store_plan(self, msg: list[Any]) -> Any:
-        store_plan(self, msg)
+    def _store_plan(self, req: StorePlan) -> Any:
+        store_plan(self.store, req, worker=self.id)
         return _NO_VALUE
 
     # -- fedws ops ----------------------------------------------------------------------
 
     def _remote_get(self, obj_id: int) -> None:
         """Replace the pointer stored under ``obj_id`` by the data it points to."""
-        ptr = self.resolve_args(ObjRef(obj_id))  # a stored Failure raises, chained
+        ptr = self._resolve_ref(ObjRef(obj_id))  # a stored Failure raises, chained
         get = getattr(ptr, "get", None)
         if get is None or not hasattr(ptr, "id_at_location"):
             raise PointerError(
@@ -347,6 +333,16 @@ class Node:
             )
         value = get()
         self.store.set(obj_id, value)
+
+
+def _describe(entry: Entry) -> list[Any]:
+    """``[id, type, shape, dtype, requires_grad, tags, description]`` of a stored object."""
+    obj = entry.obj
+    shape: list[int] | None = None
+    dtype, rg = "float32", False
+    if isinstance(obj, torch.Tensor):
+        shape, dtype, rg = list(obj.shape), codec.DTYPE_NAMES[obj.dtype], obj.requires_grad
+    return [entry.id, type(obj).__name__, shape, dtype, rg, sorted(entry.tags), entry.description]
 
 
 def _recorder(seen: list[PointerRef]) -> Callable[[PointerRef], PointerRef]:

@@ -1,15 +1,39 @@
-"""ObjectStore: what a node holds, by id, with tags for search."""
+"""ObjectStore: what a node holds, by id, with tags for search.
+
+Concurrency contract
+--------------------
+A WebSocket node runs one handler thread per connection and answers some requests on its
+event-loop thread, all against one store. So the store has one re-entrant lock that guards
+``objects``, ``tags``, ``descriptions``, the per-object sizes and ``nbytes`` together:
+
+* **Atomic**: every method that changes the store (:meth:`set`, :meth:`delete`,
+  :meth:`delete_many`, :meth:`pop`, :meth:`clear`, :meth:`replace`,
+  :meth:`record_failure`) runs entirely under the lock, so the cap check and the byte
+  count never see a half-done change and ``nbytes`` never drifts. :meth:`get`, ``in`` and
+  ``len()`` are single dict reads, atomic without it. Hold :attr:`ObjectStore.lock`
+  yourself to make several calls one step (it is re-entrant).
+* **Snapshots**: every method that looks at many objects (:meth:`search`, :meth:`ids`,
+  :meth:`entries`) copies what it needs under the lock and returns the copy;
+  the caller then works on it without the lock. An id in a snapshot may be gone a moment
+  later: whoever then asks for it gets :class:`~fedws.exceptions.ObjectNotFoundError`, or
+  skips it (``entries`` skips ids deleted meanwhile).
+* ``objects``, ``tags`` and ``descriptions`` stay plain dicts for single-threaded
+  inspection (``worker._objects`` in the seed tutorials). Code that may run beside another
+  thread must not iterate or write them directly: use the methods, and
+  :meth:`record_failure` to mark the results of a failed request.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 
 from ..exceptions import ObjectNotFoundError, StoreFullError
 
-__all__ = ["ObjectStore", "Failure"]
+__all__ = ["ObjectStore", "Failure", "Entry"]
 
 
 class Failure:
@@ -24,6 +48,15 @@ class Failure:
         return f"<Failure {self.error.get('type')}: {self.error.get('message')}>"
 
 
+class Entry(NamedTuple):
+    """One stored object with its tags and description, as copied under the lock."""
+
+    id: int
+    obj: Any
+    tags: frozenset[str]
+    description: str | None
+
+
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
         try:
@@ -33,12 +66,17 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
+_NO_TAGS: frozenset[str] = frozenset()
+_MISSING: Any = object()
+
+
 class ObjectStore:
-    """Id -> object, plus tags and descriptions.
+    """Id -> object, plus tags and descriptions; safe to share between threads.
 
     ``objects`` is the live dict (``worker._objects`` in the seed tutorials shows it).
     ``max_bytes`` caps the bytes of tensor storage held; a store that would exceed it
-    refuses the object and keeps everything it already had.
+    refuses the object and keeps everything it already had. See the module docstring for
+    what is atomic and what is a snapshot.
     """
 
     def __init__(self, worker_id: str, max_bytes: int | None = None) -> None:
@@ -49,12 +87,15 @@ class ObjectStore:
         self.descriptions: dict[int, str] = {}
         self._sizes: dict[int, int] = {}
         self.nbytes = 0
+        self.lock = threading.RLock()
 
     def __len__(self) -> int:
-        return len(self.objects)
+        return len(self.objects)  # one C-level read: atomic
 
-    def __contains__(self, obj_id: int) -> bool:
-        return obj_id in self.objects
+    def __contains__(self, obj_id: object) -> bool:
+        return obj_id in self.objects  # one C-level read: atomic
+
+    # -- changes (atomic) -----------------------------------------------------------------
 
     def set(
         self,
@@ -63,21 +104,37 @@ class ObjectStore:
         tags: Iterable[str] = (),
         description: str | None = None,
     ) -> None:
-        size = _nbytes(obj) if self.max_bytes is not None else 0
-        old = self._sizes.get(obj_id, 0)
-        if self.max_bytes is not None and self.nbytes - old + size > self.max_bytes:
-            raise StoreFullError(
-                f"storing {size} bytes would exceed the store cap of {self.max_bytes} bytes "
-                f"({self.nbytes} held)",
-                worker=self.worker_id,
-                obj_id=obj_id,
-            )
+        """Store ``obj`` under ``obj_id``, replacing what was there with its tags.
+
+        Raises:
+            StoreFullError: the object would take the store over ``max_bytes``; nothing
+                changed.
+        """
+        size = _nbytes(obj) if self.max_bytes is not None else 0  # outside the lock: no store state
+        tag_set = frozenset(tags) if tags else _NO_TAGS
+        with self.lock:
+            old = self._sizes.get(obj_id, 0)
+            if self.max_bytes is not None and self.nbytes - old + size > self.max_bytes:
+                raise StoreFullError(
+                    f"storing {size} bytes would exceed the store cap of {self.max_bytes} bytes "
+                    f"({self.nbytes} held)",
+                    worker=self.worker_id,
+                    obj_id=obj_id,
+                )
+            self._put(obj_id, obj, size, old, tag_set, description)
+
+    def _put(
+        self, obj_id: int, obj: Any, size: int, old: int, tags: frozenset[str], description: str | None
+    ) -> None:
+        """Write one entry; the caller holds the lock and has checked the cap."""
         self.objects[obj_id] = obj
-        if size or old:
+        if size:
             self._sizes[obj_id] = size
-            self.nbytes += size - old
+        elif old:
+            del self._sizes[obj_id]
+        self.nbytes += size - old
         if tags:
-            self.tags[obj_id] = frozenset(tags)
+            self.tags[obj_id] = tags
         elif self.tags:
             self.tags.pop(obj_id, None)
         if description:
@@ -85,44 +142,104 @@ class ObjectStore:
         elif self.descriptions:
             self.descriptions.pop(obj_id, None)
 
+    def record_failure(self, obj_ids: Iterable[int], error: dict[str, Any]) -> None:
+        """Hold a :class:`Failure` carrying ``error`` (a wire error) under each of ``obj_ids``.
+
+        What was there is replaced (its bytes are freed); the cap never refuses a failure.
+        """
+        failure = Failure(error)
+        with self.lock:
+            for obj_id in obj_ids:
+                self._put(obj_id, failure, 0, self._sizes.get(obj_id, 0), _NO_TAGS, None)
+
+    def pop(self, obj_id: int) -> Any:
+        """Remove ``obj_id`` and return its object.
+
+        Raises:
+            ObjectNotFoundError: no object under that id.
+        """
+        with self.lock:
+            obj = self.get(obj_id)
+            self.delete(obj_id)
+            return obj
+
+    def delete(self, obj_id: int) -> None:
+        """Forget ``obj_id``; a missing id is not an error (deletes may race gets)."""
+        with self.lock:
+            if self.objects.pop(obj_id, _MISSING) is not _MISSING:
+                self.tags.pop(obj_id, None)
+                self.descriptions.pop(obj_id, None)
+                self.nbytes -= self._sizes.pop(obj_id, 0)
+
+    def delete_many(self, obj_ids: Iterable[int]) -> None:
+        """Forget each of ``obj_ids`` (missing ones are ignored), under one lock."""
+        with self.lock:
+            for obj_id in obj_ids:
+                self.delete(obj_id)
+
+    def clear(self) -> None:
+        """Forget every object."""
+        with self.lock:
+            self.objects.clear()
+            self.tags.clear()
+            self.descriptions.clear()
+            self._sizes.clear()
+            self.nbytes = 0
+
+    def replace(self, objects: Mapping[int, Any]) -> None:
+        """Replace the whole content (``worker._objects = {}`` in the seed).
+
+        Raises:
+            StoreFullError: the new content exceeds the cap; what fitted is kept.
+        """
+        new = dict(objects)  # a copy first: ``objects`` may be our own dict
+        with self.lock:
+            self.clear()
+            for k, v in new.items():
+                self.set(k, v)
+
+    # -- reads ----------------------------------------------------------------------------
+
     def get(self, obj_id: int) -> Any:
-        try:
-            return self.objects[obj_id]
-        except KeyError:
+        """The object under ``obj_id`` (a :class:`Failure` if the command making it failed).
+
+        Raises:
+            ObjectNotFoundError: no object under that id.
+        """
+        obj = self.objects.get(obj_id, _MISSING)  # one C-level read: atomic
+        if obj is _MISSING:
             raise ObjectNotFoundError(
                 f"worker {self.worker_id!r} has no object {obj_id} "
                 "(it was deleted, already retrieved with get(), or never sent)",
                 worker=self.worker_id,
                 obj_id=obj_id,
-            ) from None
-
-    def pop(self, obj_id: int) -> Any:
-        obj = self.get(obj_id)
-        self.delete(obj_id)
+            )
         return obj
 
-    def delete(self, obj_id: int) -> None:
-        """Forget ``obj_id``; a missing id is not an error (deletes may race gets)."""
-        if obj_id in self.objects:
-            del self.objects[obj_id]
-            self.tags.pop(obj_id, None)
-            self.descriptions.pop(obj_id, None)
-            self.nbytes -= self._sizes.pop(obj_id, 0)
-
-    def clear(self) -> None:
-        self.objects.clear()
-        self.tags.clear()
-        self.descriptions.clear()
-        self._sizes.clear()
-        self.nbytes = 0
-
-    def replace(self, objects: dict[int, Any]) -> None:
-        """Replace the whole content (``worker._objects = {}`` in the seed)."""
-        self.clear()
-        for k, v in dict(objects).items():
-            self.set(k, v)
+    def ids(self) -> list[int]:
+        """Snapshot of the ids held, in insertion order."""
+        with self.lock:
+            return list(self.objects)
 
     def search(self, tags: Iterable[str]) -> list[int]:
-        """Ids of the objects carrying every one of ``tags``, in insertion order."""
+        """Snapshot of the ids of objects carrying every one of ``tags``, in insertion order."""
         wanted = frozenset(tags)
-        return [i for i in self.objects if wanted <= self.tags.get(i, frozenset())]
+        with self.lock:
+            if not wanted:
+                return list(self.objects)
+            return [i for i in self.objects if wanted <= self.tags.get(i, _NO_TAGS)]
+
+    def entries(self, obj_ids: Iterable[int] | None = None) -> list[Entry]:
+        """Snapshot of objects with their tags and descriptions (all, or ``obj_ids``).
+
+        Ids no longer held (deleted since the caller learnt them) are skipped.
+        """
+        with self.lock:
+            ids = list(self.objects) if obj_ids is None else obj_ids
+            out = []
+            for i in ids:
+                obj = self.objects.get(i, _MISSING)
+                if obj is not _MISSING:
+                    out.append(Entry(i, obj, self.tags.get(i, _NO_TAGS), self.descriptions.get(i)))
+            return out
+

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..exceptions import DecodeError, OpNotAllowedError
-from ..protocol.codec import DTYPE_NAMES, DTYPES, ObjRef
-from ..protocol.ops import FEDWS_OPS, OPS
+from .codec import DTYPE_NAMES, DTYPES, ObjRef
+from .ops import FEDWS_OPS, OPS
+from .tree import tree_leaves
 
 __all__ = ["Op", "PlanCode", "OutSpec"]
 
@@ -189,14 +190,5 @@ def _ints(*values: Any) -> bool:
 
 
 def _refs_in(obj: Any) -> list[int]:
-    out: list[int] = []
-    stack = [obj]
-    while stack:
-        v = stack.pop()
-        if type(v) is ObjRef:
-            out.append(v.id)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-    return out
+    """The registers ``obj`` refers to, wherever the interpreter would load them from."""
+    return [v.id for v in tree_leaves(obj) if type(v) is ObjRef]
