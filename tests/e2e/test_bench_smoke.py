@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_plans.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_plans.py"
 RATIO = r"ratio \(op by op / plan\) on {}: messages [\d.]+x, time [\d.]+x"
 
 
