@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .client.federation import Federation
-from .client.io_thread import wait
 from .client.worker import Worker
 from .exceptions import PointerError
 from .pointers import (
@@ -29,6 +28,7 @@ from .pointers import (
 )
 from .protocol.ids import new_id
 from .protocol.messages import Kind
+from .transport.io_thread import wait
 from .virtual import VirtualWorker
 
 __all__ = ["TorchHook", "send_tensor", "default_federation", "current_federation"]

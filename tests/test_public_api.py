@@ -15,7 +15,7 @@ CORE_NAMES = {
     "EncodeError", "PointerError", "LocationError", "RemoteError", "ObjectNotFoundError",
     "OpNotAllowedError", "DependencyError", "StoreFullError", "PlanError",
     "FedwsConnectionError", "ConnectionLostError", "AuthenticationError", "FedwsTimeoutError",
-    "WrongThreadError",
+    "WrongThreadError", "Federation", "connect", "connect_async",
 }
 
 
@@ -54,17 +54,42 @@ def test_core_modules_declare_all(module: str) -> None:
         assert hasattr(mod, name)
 
 
-def test_protocol_and_node_import_no_asyncio_or_websockets() -> None:
+def test_top_level_names_are_the_public_names_of_their_modules() -> None:
+    """Everything ``fedws`` exports is declared public (``__all__``) where it is defined, and
+    everything it imports for users is in its ``__all__``: one list of public names."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(fedws.__file__).read_text())
+    imported: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = f"fedws.{node.module}"
+    imported.pop("__version__", None)  # an attribute, not an API name
+    exported = set(fedws.__all__) - {"local_worker"}
+    assert exported == set(imported), (exported ^ set(imported))
+    for name, module in imported.items():
+        assert name in importlib.import_module(module).__all__, f"{module} does not declare {name} public"
+    exceptions = importlib.import_module("fedws.exceptions")
+    assert set(exceptions.__all__) <= exported, "every error class is reachable as sy.<Name>"
+
+
+def test_star_import_in_a_fresh_interpreter() -> None:
     import subprocess
     import sys
 
-    # fedws/__init__ pulls the client in; import the sans-I/O layers by path instead
-    code = ("import sys, importlib.util, types;"
-            "sys.modules['fedws'] = types.ModuleType('fedws');"
-            f"import fedws as f; f.__path__ = [__import__('os').path.dirname({fedws.__file__!r})];"
-            "import fedws.protocol, fedws.node;"
-            "print(','.join(m for m in ('websockets', 'asyncio') if m in sys.modules))"
-            )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    code = "from fedws import *\nimport fedws\nmissing = [n for n in fedws.__all__ if n not in globals()]\nprint(missing)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "websockets" not in out.stdout
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "package", ["fedws.protocol", "fedws.node", "fedws.transport", "fedws.client", "fedws.pointers", "fedws.plans", "fedws.fl"]
+)
+def test_every_module_declares_all(package: str) -> None:
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{package}.{info.name}")
+        assert hasattr(mod, "__all__"), mod.__name__

@@ -1,9 +1,8 @@
-"""The coordinator side: worker handles (Session + Link), the federation and the IO thread."""
+"""The coordinator side: worker handles (Session + Link) and the federation they join."""
 
 from .federation import Federation
-from .io_thread import IOThread
 from .session import Session
 from .websocket_worker import WebsocketClientWorker
 from .worker import Worker
 
-__all__ = ["Federation", "IOThread", "Session", "WebsocketClientWorker", "Worker"]
+__all__ = ["Federation", "Session", "WebsocketClientWorker", "Worker"]

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..exceptions import FedwsError, PointerError
-from .io_thread import in_io_thread, wait
+from ..transport.io_thread import in_io_thread, wait
 from .session import Session
 
 __all__ = ["Federation", "PointerFactory", "Member"]

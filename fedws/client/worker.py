@@ -18,9 +18,9 @@ from ..exceptions import FedwsError, FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
+from ..transport.io_thread import wait
 from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
-from .io_thread import wait
 from .session import Session
 
 __all__ = ["Worker", "LinkFactory", "SessionEndpoint", "executing_on", "as_federation"]

@@ -11,7 +11,7 @@ from collections.abc import Generator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Self
 
-from ..client.io_thread import wait
+from ..transport.io_thread import wait
 
 if TYPE_CHECKING:
     from ..client.worker import Worker
