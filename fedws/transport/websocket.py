@@ -147,6 +147,11 @@ class WebsocketLink:
                 raise AuthenticationError(
                     f"node at {self._address} refused the connection: invalid or missing token"
                 ) from None
+            if status == 429:
+                retry = exc.response.headers.get("Retry-After", "?")
+                raise AuthenticationError(
+                    f"node at {self._address} refuses this address for {retry} s: too many wrong tokens"
+                ) from None
             raise FedwsConnectionError(f"node at {self._address} answered HTTP {status}") from exc
         except TimeoutError:
             raise FedwsConnectionError(
