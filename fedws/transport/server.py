@@ -29,7 +29,7 @@ from websockets.http11 import Request, Response
 
 from .frames import fragments, receive
 from .guard import FailureLimiter, PendingHandshakes
-from .handshake import NODE_ID_HEADER, token_matches
+from .handshake import CHALLENGE_HEADER, NODE_ID_HEADER, PEER_HEADER, PROOF_HEADER, peer_proof, token_matches
 from .link import FrameHandler
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
@@ -59,6 +59,8 @@ class FrameServer:
             connection is closed at once.
         auth_limiter: counts wrong tokens per address (default: 10 in 10 s block the
             address for 30 s).
+        peer_secrets: peer node id -> the secret this node proves itself with when that
+            peer links to it (see :func:`fedws.transport.handshake.peer_proof`).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class FrameServer:
         handshake_timeout: float = 10.0,
         max_pending_handshakes: int = 64,
         auth_limiter: FailureLimiter | None = None,
+        peer_secrets: dict[str, bytes] | None = None,
     ) -> None:
         self.node_id = node_id
         self.handle = handle
@@ -89,6 +92,7 @@ class FrameServer:
         self.handshake_timeout = handshake_timeout
         self.pending_handshakes = PendingHandshakes(max_pending_handshakes)
         self.auth_limiter = auth_limiter if auth_limiter is not None else FailureLimiter()
+        self.peer_secrets = dict(peer_secrets or {})
         self._server: Server | None = None
         self.url: str | None = None
 
@@ -154,7 +158,15 @@ class FrameServer:
 
     def _add_id_header(self, connection: ServerConnection, request: Request, response: Response) -> Response:
         response.headers[NODE_ID_HEADER] = self.node_id
+        self._add_peer_proof(request, response)
         return response
+
+    def _add_peer_proof(self, request: Request, response: Response) -> None:
+        """Answer a listed peer's challenge, proving this node is who that peer listed."""
+        caller, challenge = request.headers.get(PEER_HEADER), request.headers.get(CHALLENGE_HEADER)
+        secret = self.peer_secrets.get(caller) if caller is not None else None
+        if secret is not None and caller is not None and challenge is not None and len(challenge) <= 128:
+            response.headers[PROOF_HEADER] = peer_proof(secret, self.node_id, caller, challenge)
 
     # -- connections ---------------------------------------------------------------------
 
