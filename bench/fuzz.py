@@ -13,6 +13,13 @@ batch starts) instead of killing the run. A child that makes no progress for 30 
 and counted as a hang; a single frame slower than ``--hang-s`` is counted as a slow frame.
 Each child reports its RSS after warm-up and at the end (growth = leak suspicion).
 
+``--live`` fuzzes a node process instead: it starts ``fedws worker`` on 127.0.0.1 and sends
+the same frames over a WebSocket, one reply awaited per frame. After each ``--batch`` it
+(at most 1000 frames) pings the node (no answer within 30 s: a hang; the node is
+restarted), clears the store and
+reads the node's RSS from ``/proc/<pid>/status``; a node that exits is counted as a death
+and restarted, a closed connection is counted and reopened. It stops after ``--frames``.
+
 Numbers are small on purpose (ints in [-8, 16], floats in [-10, 10], short lists): the
 allocation attacks (``torch.ones(2**32)``) are the node's memory budget's job, not this
 fuzzer's. Findings (frames that crashed a child) are written to ``--out`` for replay.
@@ -330,6 +337,101 @@ def run(total: int, batch: int, seed: int, hang_s: float, out: Path) -> dict[str
     return totals
 
 
+def live(total: int, batch: int, seed: int, hang_s: float, out: Path) -> dict[str, Any]:
+    """Fuzz a live node process over a WebSocket: deaths, hangs, closes and RSS growth."""
+    import logging
+
+    sys.path.insert(0, str(ROOT))
+    logging.disable(logging.CRITICAL)
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from fedws.launch import NodeProcess, start_node
+    from fedws.protocol import codec
+    from fedws.protocol.messages import Kind
+
+    def rss_mb(pid: int) -> float:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def alive(node: NodeProcess) -> bool:
+        return node.process is not None and node.process.poll() is None
+
+    gen = _gen(random.Random(seed))
+    totals: dict[str, Any] = {"frames": 0, "node_deaths": 0, "hangs": 0, "slow": 0, "closed_connections": 0,
+                              "pings": 0, "rss_mb": [], "max_frame_s": 0.0}
+    ping = codec.encode_bytes([int(Kind.PING), 1])
+    clear = codec.encode_bytes([int(Kind.CLEAR), 1])
+    start = time.perf_counter()
+
+    def fresh() -> NodeProcess:
+        return start_node(id="fuzz", port=0, extra_args=["--threads", "1", "--max-store-mb", "256"])
+
+    node = fresh()
+    ws = None
+    try:
+        rss0 = None
+        while totals["frames"] < total:
+            if ws is None:
+                ws = connect(node.url, max_size=2**30, compression=None, open_timeout=30)
+            try:
+                for _ in range(min(batch, total - totals["frames"])):
+                    frame = gen()
+                    t0 = time.perf_counter()
+                    ws.send(frame)
+                    try:
+                        ws.recv(timeout=STALL_S)
+                    except TimeoutError:
+                        totals["hangs"] += 1
+                        with out.open("a") as f:
+                            f.write(f"# live: no reply within {STALL_S} s to hex {frame[:4096].hex()}\n")
+                        raise
+                    dt = time.perf_counter() - t0
+                    totals["max_frame_s"] = max(totals["max_frame_s"], dt)
+                    totals["slow"] += dt > hang_s
+                    totals["frames"] += 1
+                for probe in (ping, clear):
+                    ws.send(probe)
+                    ws.recv(timeout=STALL_S)
+                totals["pings"] += 1
+            except (ConnectionClosed, TimeoutError, OSError):
+                ws.close()
+                ws = None
+                if not alive(node):
+                    totals["node_deaths"] += 1
+                    with out.open("a") as f:
+                        f.write(f"# live: the node died (rc {node.process.returncode if node.process else '?'})\n")
+                    node.stop()
+                    node, rss0 = fresh(), None
+                elif totals["hangs"]:
+                    node.stop()
+                    node, rss0 = fresh(), None
+                else:
+                    totals["closed_connections"] += 1
+                continue
+            rss = rss_mb(node.pid)
+            if rss0 is None:
+                rss0 = rss
+            totals["rss_mb"].append(round(rss, 1))
+            elapsed = time.perf_counter() - start
+            print(f"{totals['frames']:>8} frames  {totals['frames'] / elapsed:6.0f} frames/s  deaths "
+                  f"{totals['node_deaths']}  hangs {totals['hangs']}  closes {totals['closed_connections']}  "
+                  f"rss {rss:.0f} MB (first {rss0:.0f})", flush=True)
+    finally:
+        if ws is not None:
+            ws.close()
+        node.stop()
+    rss = totals.pop("rss_mb")
+    totals["rss_first_mb"], totals["rss_last_mb"] = (rss[0], rss[-1]) if rss else (None, None)
+    totals["rss_max_mb"] = max(rss) if rss else None
+    totals["seconds"] = round(time.perf_counter() - start, 1)
+    totals["frames_per_s"] = round(totals["frames"] / totals["seconds"])
+    return totals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1_000_000)
@@ -337,11 +439,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-s", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=Path("fuzz-findings.txt"))
+    ap.add_argument("--live", action="store_true", help="fuzz a node process over a WebSocket")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.seed, args.frames, args.hang_s)
         return
+    if args.live:
+        result = live(args.frames, min(args.batch, 1000), args.seed, args.hang_s, args.out)
+        print(json.dumps(result))
+        sys.exit(1 if result["node_deaths"] + result["hangs"] else 0)
     totals = run(args.frames, args.batch, args.seed, args.hang_s, args.out)
     print(json.dumps(totals))
     bad = totals["crashes"] + totals["hangs"] + totals["bad_decode"] + totals["bad_handle"] + totals["runner_errors"]

@@ -83,7 +83,8 @@ def network_federation(configs: list[Path], trusted: bool) -> Iterator[tuple[lis
         workers = [stack.enter_context(sy.connect(n.url)) for n in nodes]
         aggregator = None
         if trusted:
-            secure = start_node(id="secure_worker", port=0)
+            # its config lists the nodes it may link to: a node connects nowhere else
+            secure = start_node(WORKERS / "secure_worker.toml")
             stack.callback(secure.stop)
             print(f"  node {secure.id:<8} pid {secure.pid:<7} {secure.url} (aggregator)")
             aggregator = stack.enter_context(sy.connect(secure.url))

@@ -38,6 +38,12 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="torch threads for this node (default: torch's choice; use 1 when several "
         "nodes share a small machine)",
     )
+    p.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="DEVELOPMENT ONLY: coordinators may make this node connect to any address "
+        "(add_worker), not only to the [[peers]] its config lists",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -74,6 +80,8 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    if args.insecure_dev:
+        cfg.open_peers = True
     cfg.token = args.token or os.environ.get("FEDWS_TOKEN") or cfg.token
     if bool(cfg.certfile) != bool(cfg.keyfile):
         raise SystemExit("fedws worker: --certfile and --keyfile go together")

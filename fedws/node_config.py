@@ -12,18 +12,34 @@ Data is loaded only from safe formats — ``.safetensors`` (via the safetensors 
     key = "x"                           # tensor name inside a .safetensors file
     tags = ["#digits", "#x"]
     description = "digits images, shard 1 of 3"
+
+A node opens links to other nodes (``move``, ``remote_get``, pointer chains) only to the
+peers listed here, and presents to each the credential listed for it — never its own::
+
+    peer_timeout = 10                   # seconds to connect to / wait on a peer
+    [[peers]]
+    id = "bob"
+    url = "ws://127.0.0.1:8778"         # wss:// + cafile across machines
+    token_env = "FEDWS_TOKEN_FOR_BOB"   # or token_file = "secrets/bob.token" (or token = "...")
+    secret_env = "FEDWS_SECRET_BOB"     # optional: bob must prove it shares this secret
+    cafile = "certs/bob.pem"            # optional: the certificate bob's wss:// must present
+
+``open_peers = true`` (development only, or ``fedws worker --insecure-dev``) lets a
+coordinator name any address; the node then presents no credential there.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
-__all__ = ["NodeConfig", "DataEntry", "load_config", "load_tensor"]
+__all__ = ["NodeConfig", "DataEntry", "PeerEntry", "load_config", "load_tensor", "same_url"]
 
 
 @dataclass
@@ -34,6 +50,82 @@ class DataEntry:
     key: str | None = None
     tags: list[str] = field(default_factory=list)
     description: str | None = None
+
+
+@dataclass
+class PeerEntry:
+    """A node this node may link to, and what it presents there.
+
+    Attributes:
+        id: the peer's node id; the peer must name itself so in the handshake.
+        url: where it listens (``ws://`` or ``wss://``).
+        token, token_env, token_file: the credential the peer issued to this node (one of
+            them; the file is relative to the config). None of them: present nothing.
+        secret_env, secret_file: a secret both nodes' operators configured for this link;
+            the peer must prove it holds it (an HMAC over a fresh challenge).
+        cafile: the certificate (or CA) a ``wss://`` peer must present.
+    """
+
+    id: str
+    url: str
+    token: str | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    cafile: Path | None = None
+
+    def credential(self) -> str | None:
+        """The token to present to this peer.
+
+        Raises:
+            ValueError: the variable is unset or the file unreadable.
+        """
+        return _secret_value(self.id, "token", self.token, self.token_env, self.token_file)
+
+    def secret(self) -> bytes | None:
+        """The secret the peer must prove it shares (None: no proof asked)."""
+        value = _secret_value(self.id, "secret", None, self.secret_env, self.secret_file)
+        return value.encode() if value is not None else None
+
+
+def _secret_value(peer: str, what: str, inline: str | None, env: str | None, file: Path | None) -> str | None:
+    if sum(x is not None for x in (inline, env, file)) > 1:
+        raise ValueError(f"peer {peer!r}: give one of {what}, {what}_env, {what}_file")
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise ValueError(f"peer {peer!r}: environment variable {env} is not set")
+        return value
+    if file is not None:
+        try:
+            value = file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"peer {peer!r}: cannot read {what}_file {file}: {exc.strerror}") from None
+        if not value:
+            raise ValueError(f"peer {peer!r}: {what}_file {file} is empty")
+        return value
+    return inline
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether two WebSocket URLs name the same place (case of host, default ports, a
+    trailing slash do not matter)."""
+
+    def norm(url: str) -> tuple[str, str, int | None, str]:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is None:
+            port = 443 if parts.scheme == "wss" else 80
+        return parts.scheme.lower(), (parts.hostname or ""), port, parts.path.rstrip("/")
+
+    return norm(a) == norm(b)
+
+
+_PEER_KEYS = {"id", "url", "token", "token_env", "token_file", "secret_env", "secret_file", "cafile"}
 
 
 @dataclass
@@ -50,6 +142,9 @@ class NodeConfig:
     max_store_mb: float | None = None
     threads: int | None = None
     data: list[DataEntry] = field(default_factory=list)
+    peers: list[PeerEntry] = field(default_factory=list)
+    peer_timeout: float = 10.0
+    open_peers: bool = False
 
     @property
     def url(self) -> str:
@@ -59,7 +154,7 @@ class NodeConfig:
 
 _KEYS = {
     "id", "host", "port", "token", "certfile", "keyfile", "max_frame_mb", "max_store_mb",
-    "threads", "data",
+    "threads", "data", "peers", "peer_timeout", "open_peers",
 }
 
 
@@ -90,7 +185,46 @@ def load_config(path: str | Path) -> NodeConfig:
                 description=d.get("description"),
             )
         )
-    return NodeConfig(**raw, data=entries)
+    peers = [_peer_entry(path, i, p) for i, p in enumerate(raw.pop("peers", []))]
+    if len({p.id for p in peers}) != len(peers):
+        raise ValueError(f"node config {path}: a peer id is listed twice")
+    return NodeConfig(**raw, data=entries, peers=peers)
+
+
+def _peer_entry(path: Path, i: int, raw: Any) -> PeerEntry:
+    if not isinstance(raw, dict):
+        raise ValueError(f"node config {path}: peers entry {i} is not a table")
+    unknown = set(raw) - _PEER_KEYS
+    if unknown:
+        raise ValueError(f"node config {path}: peers entry {i}: unknown keys {sorted(unknown)}")
+    if not isinstance(raw.get("id"), str) or not isinstance(raw.get("url"), str):
+        raise ValueError(f"node config {path}: peers entry {i} needs 'id' and 'url' strings")
+    parts = urlsplit(raw["url"])
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"node config {path}: peer {raw['id']!r}: url must be ws://host:port or wss://host:port")
+
+    def rel(key: str) -> Path | None:
+        if raw.get(key) is None:
+            return None
+        f = Path(raw[key])
+        return f if f.is_absolute() else path.parent / f
+
+    entry = PeerEntry(
+        id=raw["id"],
+        url=raw["url"],
+        token=raw.get("token"),
+        token_env=raw.get("token_env"),
+        token_file=rel("token_file"),
+        secret_env=raw.get("secret_env"),
+        secret_file=rel("secret_file"),
+        cafile=rel("cafile"),
+    )
+    try:  # a missing credential is an error at start, not at the first move
+        entry.credential()
+        entry.secret()
+    except ValueError as exc:
+        raise ValueError(f"node config {path}: {exc}") from None
+    return entry
 
 
 def load_tensor(entry: DataEntry) -> torch.Tensor:

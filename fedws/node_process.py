@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 
 import torch
 
 from .client.federation import Federation
 from .client.websocket_worker import WebsocketClientWorker
+from .exceptions import OpNotAllowedError
 from .hook import TorchHook
-from .node_config import NodeConfig, load_tensor
+from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
 from .protocol.codec import peek_kinds
 from .protocol.ids import new_id
 from .protocol.messages import Kind
@@ -42,20 +44,32 @@ def bounded(frame: bytes | bytearray) -> bool:
     return kinds is not None and all(k in _BOUNDED_KINDS for k in kinds)
 
 
+PEER_REFUSED = "this node links only to the peers its operator listed ([[peers]] in its config)"
+"""The one answer to an ADD_PEER the config does not allow: the same text, at once, with no
+connection attempt, whatever is (or is not) at the address — so a node is no port scanner."""
+
+
 class NodeServer:
     """A worker node listening on a WebSocket.
 
     Args:
-        config: id, address, limits and data to serve.
-        peer_timeout: how long a node waits on another node (move, remote_get).
+        config: id, address, limits, data to serve and the peers it may link to.
+        peer_timeout: how long a node waits to reach or hear from another node (move,
+            remote_get); default ``config.peer_timeout``.
     """
 
-    def __init__(self, config: NodeConfig, *, peer_timeout: float = 60.0) -> None:
+    def __init__(self, config: NodeConfig, *, peer_timeout: float | None = None) -> None:
         self.config = config
         self.hook = TorchHook(torch, federation=Federation())
         self.worker = VirtualWorker(self.hook, id=config.id, max_store_mb=config.max_store_mb)
         self.worker.node.add_peer = self._add_peer
-        self.peer_timeout = peer_timeout
+        self.peer_timeout = config.peer_timeout if peer_timeout is None else peer_timeout
+        self.listed_peers: dict[str, PeerEntry] = {p.id: p for p in config.peers}
+        if config.open_peers:
+            log.warning(
+                "node %s: DEVELOPMENT MODE (open_peers): coordinators may make this node "
+                "connect to any address", config.id,
+            )
         self._stopped = asyncio.Event()
         self.server = FrameServer(
             config.id,
@@ -68,6 +82,7 @@ class NodeServer:
             certfile=config.certfile,
             keyfile=config.keyfile,
             max_frame_mb=config.max_frame_mb,
+            peer_secrets={p.id: secret for p in config.peers if (secret := p.secret()) is not None},
         )
         for entry in config.data:
             tensor = load_tensor(entry)
@@ -80,37 +95,65 @@ class NodeServer:
     # -- peers ---------------------------------------------------------------------------
 
     def _add_peer(self, worker_id: str, address: str | None) -> None:
-        """Open a link to another node (the coordinator said where it is)."""
-        if not address:
-            raise ValueError(f"no address given for worker {worker_id!r}")
+        """Open a link to a peer the operator listed (a coordinator asked for it).
+
+        The link goes to the listed URL, presents the credential listed for that peer
+        (never this node's own token) and checks the peer is who it is listed as. Anything
+        else is refused with :data:`PEER_REFUSED`, before any connection attempt; in the
+        development mode (``open_peers``) an unlisted address is linked with no credential.
+
+        Raises:
+            OpNotAllowedError: the peer is not listed (at that URL).
+        """
+        entry = self.listed_peers.get(worker_id)
+        if entry is not None and (not address or same_url(address, entry.url)):
+            url, token, secret, tls = entry.url, entry.credential(), entry.secret(), _tls(entry)
+        elif self.config.open_peers and address:
+            url, token, secret, tls = address, None, None, None
+        else:
+            raise OpNotAllowedError(PEER_REFUSED)
         old = self.worker.peers.get(worker_id)
-        if isinstance(old, WebsocketClientWorker) and old.address == address and old.connected:
+        if isinstance(old, WebsocketClientWorker) and same_url(old.address, url) and old.connected:
             return
         peer = WebsocketClientWorker(
-            self.hook, url=address, id=worker_id, token=self.config.token, timeout=self.peer_timeout
+            self.hook,
+            url=url,
+            id=worker_id,
+            token=token,
+            timeout=self.peer_timeout,
+            connect_timeout=self.peer_timeout,
+            ssl=tls,
+            peer_name=self.config.id,
+            peer_secret=secret,
         )
         self.worker.peers[worker_id] = peer
 
     def _handle(self, frame: bytes | bytearray | memoryview) -> Chunks:
+        sent_before = {pid: p.session.last_seq for pid, p in list(self.worker.peers.items())}
         reply = self.worker.handle_frame(frame)
-        self._wait_for_peers()
+        self._wait_for_peers(sent_before)
         return reply
 
-    def _wait_for_peers(self) -> None:
+    def _wait_for_peers(self, sent_before: dict[str, int]) -> None:
         """Answer a frame only once the commands it sent on to other nodes have run there.
 
         So when a coordinator's ``await ptr`` returns for an op on a pointer chain, the data
-        at the end of the chain exists too (causal order across nodes).
+        at the end of the chain exists too (causal order across nodes). Only the peers this
+        frame sent commands to are waited on, for at most ``peer_timeout``, in this
+        connection's thread: a peer that never answers holds up the coordinator that used
+        it, not everyone.
         """
-        for peer in list(self.worker.peers.values()):
+        for peer_id, peer in list(self.worker.peers.items()):
             session = peer.session
-            if session.pending:
-                fut = session.ack_future(session.last_seq)
-                peer.flush()
-                try:
-                    fut.result(self.peer_timeout)
-                except Exception:  # the peer's error surfaces where its result is used
-                    log.debug("node %s: peer %s reported an error", self.config.id, peer.id)
+            last = session.last_seq
+            if last <= sent_before.get(peer_id, 0) or last <= session.acked:
+                continue
+            fut = session.ack_future(last)
+            peer.flush()
+            try:
+                fut.result(self.peer_timeout)
+            except Exception:  # the peer's error surfaces where its result is used
+                log.debug("node %s: peer %s reported an error or did not answer", self.config.id, peer.id)
 
     # -- serving -------------------------------------------------------------------------
 
@@ -137,6 +180,13 @@ class NodeServer:
         await self.server.aclose()
         for peer in list(self.worker.peers.values()):
             peer.close()
+
+
+def _tls(entry: PeerEntry) -> ssl.SSLContext | None:
+    """The TLS context for a ``wss://`` peer: its pinned certificate, else the system CAs."""
+    if entry.cafile is None:
+        return None
+    return ssl.create_default_context(cafile=str(entry.cafile))
 
 
 def serve(server: NodeServer, *, ready: Callable[[str], None] | None = None) -> None:

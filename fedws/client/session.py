@@ -12,6 +12,7 @@ one lock guards the counters, and futures are resolved outside it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import threading
@@ -30,6 +31,7 @@ from ..protocol.tree import tree_map
 __all__ = ["Session"]
 
 _MAX_REMEMBERED_ERRORS = 10_000
+_MAX_LOST_RANGES = 10_000  # one per lost link; the oldest are forgotten past this
 # Requests whose answer depends on what the node holds. Deletes queued before one of these
 # are sent before it; other requests may overtake deletes (a dead pointer's id cannot be
 # named by a later command), which lets many deletes share one message.
@@ -57,6 +59,11 @@ class Session:
         # whose frames hold pointers, and remembering it would keep their objects alive.
         self._errors: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._lost: FedwsError | None = None
+        # Requests a lost link took with it, as (first seq, last seq, the loss), oldest
+        # first: none of them was acknowledged, so none may ever report success, even when
+        # asked after the loss or after a reconnect (seqs go on from where they were).
+        # The loss is kept as type and args: a raised exception's traceback holds pointers.
+        self._lost_ranges: list[tuple[int, int, type[FedwsError], tuple[Any, ...]]] = []
         # Seq range of each frame taken and not answered yet, oldest first: a node answers
         # one reply per frame, in order, so an unreadable reply names the requests it fails.
         self._outbox_first = 0
@@ -228,7 +235,10 @@ class Session:
         """
         fut: Future[Any] = Future()
         with self._lock:
-            if seq <= self._acked:
+            lost = self._lost_with(seq)
+            if lost is not None:
+                fut.set_exception(lost)
+            elif seq <= self._acked:
                 failed = self.error_of(seq)
                 if failed is None:
                     fut.set_result(None)
@@ -247,6 +257,15 @@ class Session:
         """
         err = self._errors.get(seq)
         return None if err is None else error_from_wire(err)
+
+    def _lost_with(self, seq: int) -> FedwsError | None:
+        """A fresh copy of the loss that took request ``seq``, if a lost link took it (lock held)."""
+        i = bisect.bisect_right(self._lost_ranges, seq, key=lambda r: r[0]) - 1
+        if i >= 0:
+            lo, hi, cls, args = self._lost_ranges[i]
+            if lo <= seq <= hi:
+                return cls(*args)
+        return None
 
     def _lost_error(self) -> FedwsError:
         assert self._lost is not None
@@ -267,8 +286,16 @@ class Session:
         return self._last_seq - self._acked
 
     def fail_all(self, exc: FedwsError, *, permanent: bool = True) -> None:
-        """The link is gone: every pending future fails with ``exc``."""
+        """The link is gone: every pending future fails with ``exc``.
+
+        Every request not acknowledged yet is remembered as lost: its ``ack_future`` fails
+        with ``exc`` from now on, never reports success.
+        """
         with self._lock:
+            if self._last_seq > self._acked:
+                self._lost_ranges.append((self._acked + 1, self._last_seq, type(exc), exc.args))
+                if len(self._lost_ranges) > _MAX_LOST_RANGES:
+                    del self._lost_ranges[0]
             if permanent:
                 self._lost = exc
             settle = [(f, False, exc) for f in self._requests.values()]
@@ -278,7 +305,7 @@ class Session:
             self._outbox.clear()
             self._outbox_msgs = 0
             self._in_flight.clear()
-            self._acked = self._last_seq  # nothing pending any more
+            self._acked = self._last_seq  # nothing pending any more: the rest is lost
         _settle(settle)
 
     def reset(self) -> None:

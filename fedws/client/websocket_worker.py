@@ -14,6 +14,7 @@ from typing import Any
 from ..protocol.messages import Kind
 from ..transport.link import Endpoint
 from ..transport.websocket import WebsocketLink, check_websocket_url
+from .io_thread import wait
 from .worker import Worker, as_federation
 
 __all__ = ["WebsocketClientWorker"]
@@ -33,6 +34,8 @@ class WebsocketClientWorker(Worker):
         max_frame_mb: largest reply accepted.
         ping_interval: keepalive pings, seconds (None: none).
         connect: False to build the handle without connecting (``connect_async`` does so).
+        peer_name, peer_secret: for a node linking to a listed peer: its own id and the
+            secret the peer must prove it shares (see :class:`WebsocketLink`).
 
     Example:
         >>> alice = sy.WebsocketClientWorker(hook, host="127.0.0.1", port=8777, id="alice")
@@ -57,6 +60,8 @@ class WebsocketClientWorker(Worker):
         max_frame_mb: float = 1024.0,
         ping_interval: float | None = 10.0,
         connect: bool = True,
+        peer_name: str | None = None,
+        peer_secret: bytes | None = None,
     ) -> None:
         if url is None:
             url = f"{'wss' if secure or ssl else 'ws'}://{host}:{port}"
@@ -72,6 +77,8 @@ class WebsocketClientWorker(Worker):
                 ssl=ssl,
                 max_frame_mb=max_frame_mb,
                 ping_interval=ping_interval,
+                peer_name=peer_name,
+                peer_secret=peer_secret,
             )
 
         super().__init__(None, id or url, link=link, timeout=timeout)
@@ -135,13 +142,22 @@ class WebsocketClientWorker(Worker):
     # -- node-to-node --------------------------------------------------------------------
 
     def add_worker(self, worker: Worker) -> WebsocketClientWorker:
-        """Tell this node where node ``worker`` is; it connects there itself."""
+        """Tell this node where node ``worker`` is; it connects there itself.
+
+        A node links only to the peers its operator listed (``[[peers]]`` in its config),
+        under the id and URL listed there.
+
+        Raises:
+            OpNotAllowedError: the node's operator did not list that peer (at that URL).
+            RemoteError: the node could not reach its peer or the peer could not prove who it is.
+        """
         address = worker.address
         if address is None or not address.startswith(("ws://", "wss://")):
             raise ValueError(f"worker {worker.id!r} has no network address to give a node")
+        seq, _ = self.submit(Kind.ADD_PEER, worker.id, address)
+        # surface a refusal or a failure to connect now, not at the first move
+        wait(self.ack_future(seq), self.timeout, f"add_worker({worker.id!r}) on worker {self.id!r}")
         self.peers[worker.id] = worker
-        self.submit(Kind.ADD_PEER, worker.id, address)
-        self.ping()  # surface a failure to connect now, not at the first move
         return self
 
     def __repr__(self) -> str:

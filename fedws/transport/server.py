@@ -6,6 +6,11 @@ thread, so its frames run in order while the event loop stays free: a long compu
 never stops the server from answering pings or other coordinators. Frames of one
 connection are handed to the thread as they arrive and replies are written in the same
 order, so a coordinator can pipeline without waiting for each reply.
+
+Before any of that, the handshake is guarded (:mod:`fedws.transport.guard`): it must finish
+within ``handshake_timeout``, one address may hold only so many unfinished handshakes (its
+next TCP connection is closed at once), and an address that presented too many wrong
+tokens is refused with HTTP 429 for a cool-down without its token being checked.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .frames import fragments, receive
-from .handshake import NODE_ID_HEADER, token_matches
+from .guard import FailureLimiter, PendingHandshakes
+from .handshake import CHALLENGE_HEADER, NODE_ID_HEADER, PEER_HEADER, PROOF_HEADER, peer_proof, token_matches
 from .link import FrameHandler
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
@@ -48,6 +54,13 @@ class FrameServer:
         token: the bearer token clients must present (None: any client).
         certfile, keyfile: serve ``wss://``.
         max_frame_mb: largest frame accepted; a larger one closes that connection (1009).
+        handshake_timeout: seconds a client has to finish the WebSocket handshake.
+        max_pending_handshakes: unfinished handshakes one address may hold; its next TCP
+            connection is closed at once.
+        auth_limiter: counts wrong tokens per address (default: 10 in 10 s block the
+            address for 30 s).
+        peer_secrets: peer node id -> the secret this node proves itself with when that
+            peer links to it (see :func:`fedws.transport.handshake.peer_proof`).
     """
 
     def __init__(
@@ -63,6 +76,10 @@ class FrameServer:
         certfile: str | None = None,
         keyfile: str | None = None,
         max_frame_mb: float = 1024.0,
+        handshake_timeout: float = 10.0,
+        max_pending_handshakes: int = 64,
+        auth_limiter: FailureLimiter | None = None,
+        peer_secrets: dict[str, bytes] | None = None,
     ) -> None:
         self.node_id = node_id
         self.handle = handle
@@ -72,20 +89,84 @@ class FrameServer:
         self.token = token
         self.certfile, self.keyfile = certfile, keyfile
         self.max_frame_mb = max_frame_mb
+        self.handshake_timeout = handshake_timeout
+        self.pending_handshakes = PendingHandshakes(max_pending_handshakes)
+        self.auth_limiter = auth_limiter if auth_limiter is not None else FailureLimiter()
+        self.peer_secrets = dict(peer_secrets or {})
         self._server: Server | None = None
         self.url: str | None = None
 
     # -- handshake -----------------------------------------------------------------------
 
+    def _guarded_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse a blocked address without checking its token; count its failures."""
+        address = _host_of(connection.remote_address)
+        left = self.auth_limiter.blocked_for(address)
+        if left > 0:
+            refusal = connection.respond(
+                HTTPStatus.TOO_MANY_REQUESTS, "fedws: too many wrong tokens from this address; retry later\n"
+            )
+            refusal.headers["Retry-After"] = str(max(1, round(left)))
+            return refusal
+        response = self._check_token(connection, request)
+        if response is not None and response.status_code == HTTPStatus.UNAUTHORIZED:
+            verdict = self.auth_limiter.failed(address)
+            if verdict.blocked:
+                log.warning(
+                    "node %s: %d wrong or missing tokens from %s within %.0f s; refusing it for %.0f s",
+                    self.node_id, verdict.failures, address, self.auth_limiter.window, self.auth_limiter.cooldown,
+                )
+            elif verdict.log:
+                log.warning("node %s: refused a connection from %s with a wrong or missing token", self.node_id, address)
+        return response
+
+    def _connection_class(self) -> type[ServerConnection]:
+        """A connection that counts itself as a pending handshake of its address until done."""
+        guard = self.pending_handshakes
+        node_id = self.node_id
+
+        class GuardedConnection(ServerConnection):
+            _pending_address: str | None = None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                address = _host_of(transport.get_extra_info("peername"))
+                if guard.begin(address):
+                    self._pending_address = address
+                    return
+                if guard.first_refusal(address):  # once per burst, not per connection
+                    log.warning(
+                        "node %s: %s holds %d unfinished handshakes; closing its new connections",
+                        node_id, address, guard.per_address,
+                    )
+                getattr(transport, "abort", transport.close)()  # at once: the fd is what it is after
+
+            async def handshake(self, *args: Any, **kwargs: Any) -> None:
+                try:
+                    await super().handshake(*args, **kwargs)
+                finally:
+                    if self._pending_address is not None:
+                        guard.end(self._pending_address)
+                        self._pending_address = None
+
+        return GuardedConnection
+
     def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
         if token_matches(request.headers.get("Authorization"), self.token):
             return None
-        log.warning("node %s: refused a connection with a wrong or missing token", self.node_id)
         return connection.respond(HTTPStatus.UNAUTHORIZED, "fedws: invalid or missing token\n")
 
     def _add_id_header(self, connection: ServerConnection, request: Request, response: Response) -> Response:
         response.headers[NODE_ID_HEADER] = self.node_id
+        self._add_peer_proof(request, response)
         return response
+
+    def _add_peer_proof(self, request: Request, response: Response) -> None:
+        """Answer a listed peer's challenge, proving this node is who that peer listed."""
+        caller, challenge = request.headers.get(PEER_HEADER), request.headers.get(CHALLENGE_HEADER)
+        secret = self.peer_secrets.get(caller) if caller is not None else None
+        if secret is not None and caller is not None and challenge is not None and len(challenge) <= 128:
+            response.headers[PROOF_HEADER] = peer_proof(secret, self.node_id, caller, challenge)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -159,11 +240,13 @@ class FrameServer:
             self.port,
             max_size=int(self.max_frame_mb * 2**20),
             compression=None,  # deflate only costs on tensor bytes
-            process_request=self._check_token,
+            process_request=self._guarded_request,
             process_response=self._add_id_header,
             ssl=ssl_ctx,
             max_queue=_PENDING_FRAMES,
             write_limit=2**20,
+            open_timeout=self.handshake_timeout,
+            create_connection=self._connection_class(),
         )
         port = next(iter(self._server.sockets)).getsockname()[1]
         scheme = "wss" if ssl_ctx else "ws"
@@ -175,3 +258,10 @@ class FrameServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+def _host_of(address: Any) -> str:
+    """The host part of a socket address (the limits are per host, not per port)."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)

@@ -35,7 +35,15 @@ from ..exceptions import (
     WrongThreadError,
 )
 from .frames import fragments, receive
-from .handshake import NODE_ID_HEADER, auth_headers
+from .handshake import (
+    CHALLENGE_HEADER,
+    NODE_ID_HEADER,
+    PEER_HEADER,
+    PROOF_HEADER,
+    auth_headers,
+    new_challenge,
+    proof_matches,
+)
 from .io_thread import IOThread, in_io_thread, wait
 from .link import Endpoint
 
@@ -70,6 +78,9 @@ class WebsocketLink:
         ssl: an ``ssl.SSLContext`` for ``wss://``.
         max_frame_mb: largest reply accepted.
         ping_interval: keepalive pings (None: none).
+        peer_name: for a node-to-node link, the id of the node opening it.
+        peer_secret: with ``peer_name`` and ``expected_id``: the secret the node must prove
+            it shares (refused otherwise; see :func:`~fedws.transport.handshake.peer_proof`).
     """
 
     def __init__(
@@ -84,7 +95,11 @@ class WebsocketLink:
         ssl: ssl_module.SSLContext | None = None,
         max_frame_mb: float = 1024.0,
         ping_interval: float | None = 10.0,
+        peer_name: str | None = None,
+        peer_secret: bytes | None = None,
     ) -> None:
+        if peer_secret is not None and (peer_name is None or expected_id is None):
+            raise ValueError("a peer secret needs peer_name and expected_id")
         self.endpoint = endpoint
         self._address = check_websocket_url(url)
         self.name = name or expected_id or url
@@ -95,6 +110,8 @@ class WebsocketLink:
         self._ssl = ssl
         self._max_size = int(max_frame_mb * 2**20)
         self._ping_interval = ping_interval
+        self._peer_name = peer_name
+        self._peer_secret = peer_secret
         self.io = IOThread.get()
         self._ws: ClientConnection | None = None
         self._wake = asyncio.Event()
@@ -125,11 +142,17 @@ class WebsocketLink:
                 or handshake failure.
         """
         tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {}  # wss:// defaults to system CAs
+        headers = auth_headers(self.token) or {}
+        challenge = None
+        if self._peer_name is not None:
+            headers[PEER_HEADER] = self._peer_name
+            if self._peer_secret is not None:
+                challenge = headers[CHALLENGE_HEADER] = new_challenge()
         try:
             ws = await asyncio.wait_for(
                 ws_connect(
                     self._address,
-                    additional_headers=auth_headers(self.token),
+                    additional_headers=headers or None,
                     compression=None,
                     max_size=self._max_size,
                     **tls,
@@ -146,6 +169,11 @@ class WebsocketLink:
             if status == 401:
                 raise AuthenticationError(
                     f"node at {self._address} refused the connection: invalid or missing token"
+                ) from None
+            if status == 429:
+                retry = exc.response.headers.get("Retry-After", "?")
+                raise AuthenticationError(
+                    f"node at {self._address} refuses this address for {retry} s: too many wrong tokens"
                 ) from None
             raise FedwsConnectionError(f"node at {self._address} answered HTTP {status}") from exc
         except TimeoutError:
@@ -171,6 +199,14 @@ class WebsocketLink:
             raise FedwsConnectionError(
                 f"the node at {self._address} is {node_id!r}, not {self.expected_id!r}"
             )
+        if challenge is not None:
+            assert self._peer_secret is not None and self._peer_name is not None
+            proof = ws.response.headers.get(PROOF_HEADER) if ws.response else None
+            if not proof_matches(proof, self._peer_secret, node_id, self._peer_name, challenge):
+                await ws.close()
+                raise FedwsConnectionError(
+                    f"the node at {self._address} could not prove it is {node_id!r} (no or wrong peer proof)"
+                )
         self.node_id = self.name = node_id
         self._ws = ws
         self._closing = False

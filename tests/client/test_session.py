@@ -189,3 +189,28 @@ def test_an_unreadable_reply_fails_the_requests_of_its_frame_only() -> None:
 def test_an_unsolicited_unreadable_reply_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="malformed reply"):
         Session("bob").receive(b"junk", None)
+
+
+def test_requests_a_lost_link_took_never_report_success_even_asked_later() -> None:
+    """kill -9 of a node used to make later ``wait()`` succeed for commands never run."""
+    s = Session("bob")
+    done = s.submit(Kind.PING)[0]
+    s.take_frame()
+    s.receive(reply(done), None)
+    lost = [s.submit(Kind.PING)[0] for _ in range(3)]
+    s.take_frame()
+    s.fail_all(ConnectionLostError("gone"))
+    assert s.ack_future(done).result(0) is None  # acknowledged before the loss: fine
+    for seq in lost:  # asked after the loss
+        with pytest.raises(ConnectionLostError, match="gone"):
+            s.ack_future(seq).result(0)
+    s.reset()  # a reconnect: seqs go on, the lost ones stay lost
+    seq, fut, _ = s.submit(Kind.PING, want_value=True)
+    assert seq > lost[-1]
+    s.take_frame()
+    s.receive(reply(seq, [[seq, "pong"]]), None)
+    assert fut is not None and fut.result(0) == "pong"
+    assert s.ack_future(seq).result(0) is None
+    for q in lost:
+        with pytest.raises(ConnectionLostError, match="gone"):
+            s.ack_future(q).result(0)
