@@ -53,7 +53,9 @@ class NodeServer:
     def __init__(self, config: NodeConfig, *, peer_timeout: float = 60.0) -> None:
         self.config = config
         self.hook = TorchHook(torch, federation=Federation())
-        self.worker = VirtualWorker(self.hook, id=config.id, max_store_mb=config.max_store_mb)
+        self.worker = VirtualWorker(
+            self.hook, id=config.id, max_store_mb=config.max_store_mb, max_memory_mb=config.max_memory_mb
+        )
         self.worker.node.add_peer = self._add_peer
         self.peer_timeout = peer_timeout
         self._stopped = asyncio.Event()
