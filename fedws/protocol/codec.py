@@ -442,7 +442,7 @@ def decode(blob: bytes | bytearray | memoryview, pointer_factory: PointerFactory
     finally:
         # ext_hook and unpack refer to each other (and to the frame): a reference cycle that
         # kept every decoded frame alive until the next gc run (48 MiB frames held 1 GB).
-        del ext_hook, unpack
+        ext_hook = unpack = None  # type: ignore[assignment]
 
 
 def _pointer(fields: Any, pointer_factory: PointerFactory | None) -> Any:

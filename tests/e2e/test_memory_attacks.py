@@ -147,7 +147,7 @@ def _plan(n_registers: int, ops: list[list[Any]], outputs: list[int]) -> dict[st
 @pytest.mark.parametrize("n_registers", [10**9, 2 * 10**8])
 def test_a_plan_declaring_huge_register_counts_is_refused(target: Target, n_registers: int) -> None:
     plan_id, out = new_id(), new_id()
-    target.w.submit(Kind.STORE_PLAN, plan_id, _plan(n_registers, [], []))
+    target.w.submit(Kind.STORE_PLAN, plan_id, _plan(n_registers, [], [0]))
     target.w.submit(Kind.RUN_PLAN, plan_id, [], [out])
     target.assert_refused(out, sy.RemoteError, match="registers")
 
@@ -197,7 +197,7 @@ def test_the_store_cap_counts_non_tensor_values_plans_and_frames_kept_alive(targ
     # 64 KiB tensors each keeping a 48 MiB frame alive (the rest of the frame is a request
     # that is refused); sent raw, as an attacker would
     with connect(target.node.url, max_size=None, compression=None) as raw:
-        for i in range(8):
+        for _ in range(8):
             keep = codec.encode([int(Kind.STORE), 1, new_id(), torch.ones(2**14), [], None])
             junk = codec.encode([int(Kind.CMD), 2, "torch.save", [torch.zeros(12 * 2**20)], {}, []])
             raw.send(b"".join(bytes(c) for c in [*keep, *junk]))
