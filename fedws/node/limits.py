@@ -64,9 +64,10 @@ __all__ = [
     "UNCOUNTABLE",
 ]
 
-# Objects one SEARCH or INFO list reply may describe (they are answered on the event loop:
-# 10^6 entries froze every connection for 10 s).
-MAX_LISTED = 10_000
+# Objects one SEARCH or INFO list reply may describe. They are answered on the event loop
+# (~10 us per entry: 10^6 entries froze every connection for 10 s); 10^5 keeps a reply near
+# a second while leaving room for busy honest nodes (tests hold over 10^4 objects).
+MAX_LISTED = 100_000
 # Objects :func:`own` / :func:`reply_bytes` visit in one value before giving up (a value
 # that large is refused: it is counted as :data:`UNCOUNTABLE` bytes).
 MAX_WALK = 1 << 22
@@ -182,7 +183,7 @@ _VALUE = object()  # cache entry: the size depends on argument values, infer eve
 _CACHE: dict[Hashable, Any] = {}
 _CACHE_MAX = 65536
 _cache_lock = threading.Lock()
-_SCALARS = (int, float, bool, str, complex, type(None))
+_SCALARS = frozenset({int, float, bool, str, complex, type(None)})
 
 
 class _Uncacheable(Exception):
@@ -193,7 +194,7 @@ def _sig(v: Any, tensors: list[torch.Tensor]) -> Hashable:
     """A hashable signature of an argument; its tensors are appended to ``tensors``."""
     if isinstance(v, torch.Tensor):
         tensors.append(v)
-        return (torch.Tensor, v.shape, v.stride(), v.dtype)
+        return (v.shape, v.dtype) if v.is_contiguous() else (v.shape, v.stride(), v.dtype)
     t = type(v)
     if t in _SCALARS:
         return (t, v)  # the type: 1, 1.0 and True hash alike
@@ -210,6 +211,21 @@ def _sig(v: Any, tensors: list[torch.Tensor]) -> Hashable:
     return (t, v)
 
 
+def _key(op: str, args: Any, kwargs: dict[str, Any], tensors: list[torch.Tensor]) -> Hashable:
+    """The cache key of a command: ``_sig`` of everything, with the commonest leaves inline
+    (this runs for every command)."""
+    parts: list[Hashable] = [op]
+    for v in args:
+        if type(v) is torch.Tensor:
+            tensors.append(v)
+            parts.append((v.shape, v.dtype) if v.is_contiguous() else (v.shape, v.stride(), v.dtype))
+        else:
+            parts.append(_sig(v, tensors))
+    if kwargs:
+        parts.append(_sig(kwargs, tensors))
+    return tuple(parts)
+
+
 def output_bytes(op: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> int:
     """Bytes of new storage ``fn(*args, **kwargs)`` would allocate (without running it).
 
@@ -220,7 +236,7 @@ def output_bytes(op: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, A
         return 0
     tensors: list[torch.Tensor] = []
     try:
-        key: Hashable = (op, _sig(args, tensors), _sig(kwargs, tensors))
+        key: Hashable = _key(op, args, kwargs, tensors)
         cached = _CACHE.get(key)
     except _Uncacheable:
         key, cached = None, None
