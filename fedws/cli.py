@@ -31,7 +31,13 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--certfile", help="TLS certificate: serve wss:// instead of ws://")
     p.add_argument("--keyfile", help="TLS private key for --certfile")
     p.add_argument("--max-frame-mb", type=float, help="largest frame accepted, MiB (default 1024)")
-    p.add_argument("--max-store-mb", type=float, help="cap on tensor bytes the node holds, MiB")
+    p.add_argument("--max-store-mb", type=float, help="cap on the bytes the node holds, MiB")
+    p.add_argument(
+        "--max-memory-mb",
+        type=float,
+        help="memory budget, MiB: bytes held plus one command's output, checked before it runs "
+        "(default: half of physical memory, or --max-store-mb if smaller)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -76,7 +82,8 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cfg = NodeConfig(id=args.id)
     else:
         raise SystemExit("fedws worker: give --id or --config")
-    for name in ("id", "host", "port", "certfile", "keyfile", "max_frame_mb", "max_store_mb", "threads"):
+    for name in ("id", "host", "port", "certfile", "keyfile", "max_frame_mb", "max_store_mb", "max_memory_mb",
+                 "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)

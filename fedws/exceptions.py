@@ -15,6 +15,8 @@ so code written against ``ConnectionError`` or ``TimeoutError`` keeps working::
     │   ├── OpNotAllowedError         the op is not in the allowlist (also raised locally)
     │   ├── DependencyError           the command used the result of a failed command
     │   ├── StoreFullError            the node's store cap would be exceeded
+    │   │   └── MemoryBudgetError     a command/reply would exceed the node's memory budget
+    │   ├── LimitExceededError        a request or reply exceeds a node's size limit
     │   └── PlanError                 a step of a remote plan failed (names op and position)
     ├── FedwsConnectionError          also a builtin ConnectionError
     │   ├── ConnectionLostError       the link dropped while commands were pending
@@ -41,6 +43,8 @@ __all__ = [
     "OpNotAllowedError",
     "DependencyError",
     "StoreFullError",
+    "MemoryBudgetError",
+    "LimitExceededError",
     "PlanError",
     "FedwsConnectionError",
     "ConnectionLostError",
@@ -125,6 +129,19 @@ class DependencyError(RemoteError):
 
 class StoreFullError(RemoteError):
     """Storing the object would exceed the node's ``max_store_mb``."""
+
+
+class MemoryBudgetError(StoreFullError):
+    """The command (or reply) would take the node over its memory budget; it was not run.
+
+    Checked *before* anything is allocated, from the size the output would have; nothing
+    the node held was lost.
+    """
+
+
+class LimitExceededError(RemoteError):
+    """A request or its reply exceeds one of the node's size limits (too many objects to
+    list, too many ids); nothing was changed."""
 
 
 class PlanError(RemoteError):

@@ -7,6 +7,7 @@ Data is loaded only from safe formats — ``.safetensors`` (via the safetensors 
     host = "127.0.0.1"
     port = 8777
     max_store_mb = 1024
+    max_memory_mb = 2048                # budget: held + one command's output (see fedws.node.limits)
     [[data]]
     file = "data/alice_x.safetensors"   # relative to this file
     key = "x"                           # tensor name inside a .safetensors file
@@ -140,6 +141,7 @@ class NodeConfig:
     keyfile: str | None = None
     max_frame_mb: float = 1024.0
     max_store_mb: float | None = None
+    max_memory_mb: float | None = None
     threads: int | None = None
     data: list[DataEntry] = field(default_factory=list)
     peers: list[PeerEntry] = field(default_factory=list)
@@ -154,7 +156,7 @@ class NodeConfig:
 
 _KEYS = {
     "id", "host", "port", "token", "certfile", "keyfile", "max_frame_mb", "max_store_mb",
-    "threads", "data", "peers", "peer_timeout", "open_peers",
+    "max_memory_mb", "threads", "data", "peers", "peer_timeout", "open_peers",
 }
 
 

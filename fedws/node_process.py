@@ -61,7 +61,9 @@ class NodeServer:
     def __init__(self, config: NodeConfig, *, peer_timeout: float | None = None) -> None:
         self.config = config
         self.hook = TorchHook(torch, federation=Federation())
-        self.worker = VirtualWorker(self.hook, id=config.id, max_store_mb=config.max_store_mb)
+        self.worker = VirtualWorker(
+            self.hook, id=config.id, max_store_mb=config.max_store_mb, max_memory_mb=config.max_memory_mb
+        )
         self.worker.node.add_peer = self._add_peer
         self.peer_timeout = config.peer_timeout if peer_timeout is None else peer_timeout
         self.listed_peers: dict[str, PeerEntry] = {p.id: p for p in config.peers}

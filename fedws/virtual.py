@@ -31,7 +31,9 @@ class VirtualWorker(Worker):
         hook: the TorchHook (or Federation) of this federation.
         id: the worker's name (``"bob"``).
         data: tensors stored at creation, with their tags (``tensor.tag("x")``).
-        max_store_mb: cap on the tensor bytes this node holds.
+        max_store_mb: cap on the bytes this node holds.
+        max_memory_mb: memory budget (held bytes plus one command's output), checked
+            before each command runs (default: half of physical memory, or the store cap).
         timeout: default seconds a blocking call waits.
 
     Example:
@@ -48,10 +50,14 @@ class VirtualWorker(Worker):
         data: Iterable[Any] = (),
         *,
         max_store_mb: float | None = None,
+        max_memory_mb: float | None = None,
         timeout: float | None = None,
     ) -> None:
         max_bytes = None if max_store_mb is None else int(max_store_mb * 2**20)
-        self.node: Node = Node(id, max_store_bytes=max_bytes, pointer_factory=self._arriving_pointer)
+        budget = None if max_memory_mb is None else int(max_memory_mb * 2**20)
+        self.node: Node = Node(
+            id, max_store_bytes=max_bytes, max_memory_bytes=budget, pointer_factory=self._arriving_pointer
+        )
 
         def link(endpoint: Endpoint) -> InprocLink:
             return InprocLink(endpoint, self.handle_frame, f"inproc://{id}")

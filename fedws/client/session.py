@@ -25,7 +25,7 @@ from ..exceptions import FedwsError, ProtocolError, RemoteError
 from ..protocol import codec
 from ..protocol.codec import PointerRef
 from ..protocol.errors import error_from_wire
-from ..protocol.messages import FRAME_ERROR_SEQ, Kind
+from ..protocol.messages import FRAME_ERROR_SEQ, MAX_DELETE_IDS, Kind
 from ..protocol.tree import tree_map
 
 __all__ = ["Session"]
@@ -125,15 +125,16 @@ class Session:
             return frame
 
     def _queue_deletes(self) -> None:
-        ids = []
-        while self._deletes:
-            ids.append(self._deletes.popleft())
-        seq = next(self._seq)
-        self._last_seq = seq
-        if not self._outbox:
-            self._outbox_first = seq
-        self._outbox.append(codec.encode_bytes([int(Kind.DELETE), seq, ids]))
-        self._outbox_msgs += 1
+        while self._deletes:  # at most MAX_DELETE_IDS ids per message (nodes refuse more)
+            ids: list[int] = []
+            while self._deletes and len(ids) < MAX_DELETE_IDS:
+                ids.append(self._deletes.popleft())
+            seq = next(self._seq)
+            self._last_seq = seq
+            if not self._outbox:
+                self._outbox_first = seq
+            self._outbox.append(codec.encode_bytes([int(Kind.DELETE), seq, ids]))
+            self._outbox_msgs += 1
 
     # -- consuming replies --------------------------------------------------------------
 

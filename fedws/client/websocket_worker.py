@@ -12,9 +12,9 @@ import ssl as ssl_module
 from typing import Any
 
 from ..protocol.messages import Kind
+from ..transport.io_thread import wait
 from ..transport.link import Endpoint
 from ..transport.websocket import WebsocketLink, check_websocket_url
-from .io_thread import wait
 from .worker import Worker, as_federation
 
 __all__ = ["WebsocketClientWorker"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..exceptions import DependencyError, FedwsError, PlanError
+from ..exceptions import DependencyError, FedwsError, MemoryBudgetError, PlanError
 from ..protocol.codec import ObjRef
 from ..protocol.messages import RunPlan, StorePlan
 from ..protocol.ops import resolve
@@ -76,8 +76,12 @@ def execute(
     resolver: Callable[[str], Callable[..., Any] | None] = local_resolver,
     *,
     worker: str | None = None,
+    guard: Callable[[str, Callable[..., Any], Any, dict[str, Any]], None] | None = None,
 ) -> list[Any]:
     """Run ``code`` on ``inputs`` and ``state``; return the output values.
+
+    ``guard(op, fn, args, kwargs)`` is called before each op runs (a node's memory budget:
+    it raises to refuse the op).
 
     Raises:
         PlanError: an op failed; the message names the op, its position and the cause.
@@ -95,6 +99,8 @@ def execute(
                     raise KeyError(f"op {op.name!r} is not allowed")
                 args = _load(op.args, regs)
                 kwargs = _load(op.kwargs, regs) if op.kwargs else {}
+                if guard is not None:
+                    guard(op.name, fn, args, kwargs)
                 if op.grad != grad_on:
                     torch.set_grad_enabled(op.grad)
                     grad_on = op.grad
@@ -105,6 +111,8 @@ def execute(
                         raise TypeError(f"gave {len(values)} results, the plan expects {len(op.results)}")
                     for r, v in zip(op.results, values):
                         regs[r] = v
+            except MemoryBudgetError:
+                raise  # refused before it ran: the caller sees the budget, not a failed step
             except Exception as exc:
                 cause = getattr(exc, "remote_message", None) if isinstance(exc, FedwsError) else None
                 raise PlanError(
@@ -151,6 +159,7 @@ def run_plan(
     resolve_args: Callable[[Any], Any],
     resolver: Callable[[str], Callable[..., Any] | None],
     worker: str,
+    guard: Callable[[str, Callable[..., Any], Any, dict[str, Any]], None] | None = None,
 ) -> None:
     """Run a stored plan on the request's arguments and store its outputs.
 
@@ -161,6 +170,7 @@ def run_plan(
             a stored failure).
         resolver: op name -> callable, the node's allowlist and its own ops.
         worker: the node's id, for error messages.
+        guard: called before each op (see :func:`execute`).
     """
     plan_id, result_ids = request.plan_id, request.result_ids
     stored = store.get(plan_id)
@@ -181,6 +191,6 @@ def run_plan(
     if len(result_ids) != len(code.outputs):
         raise TypeError(f"plan {code.name!r} has {len(code.outputs)} outputs, got {len(result_ids)} result ids")
     inputs = flat_tensors(resolve_args(request.args))
-    outputs = execute(code, inputs, stored.state, resolver, worker=worker)
+    outputs = execute(code, inputs, stored.state, resolver, worker=worker, guard=guard)
     for rid, value in zip(result_ids, outputs):
         store.set(rid, value)

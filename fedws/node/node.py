@@ -48,6 +48,7 @@ from ..protocol.messages import (
 from ..protocol.ops import resolve
 from ..protocol.tree import tree_map
 from .interpreter import TENSOR_FEDWS_OPS, run_plan, store_plan
+from .limits import MemoryBudget, check_listing, default_budget, enter_frame, leave_frame
 from .store import Entry, Failure, ObjectStore
 
 __all__ = ["Node"]
@@ -65,7 +66,9 @@ class Node:
 
     Args:
         id: the worker id, used in every error message.
-        max_store_bytes: cap on tensor bytes held (None: no cap).
+        max_store_bytes: cap on the bytes held (None: no cap).
+        max_memory_bytes: memory budget: bytes held plus what one command allocates,
+            checked before it runs (None: :func:`~fedws.node.limits.default_budget`).
         pointer_factory: turns a PointerRef that arrives (a pointer chain) into a live
             pointer this node can use; given by the runtime that owns the node.
         add_peer: called for ADD_PEER requests; a node without it refuses them.
@@ -76,11 +79,13 @@ class Node:
         id: str,
         *,
         max_store_bytes: int | None = None,
+        max_memory_bytes: int | None = None,
         pointer_factory: Callable[[PointerRef], Any] | None = None,
         add_peer: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.id = id
         self.store = ObjectStore(id, max_store_bytes)
+        self.budget = MemoryBudget(max_memory_bytes or default_budget(max_store_bytes), id)
         self.pointer_factory = pointer_factory
         self.add_peer = add_peer
         self._frame = threading.local()
@@ -113,6 +118,7 @@ class Node:
         # Per-thread: a WebSocket node runs one handler thread per connection.
         state = self._frame
         state.after_reply = []
+        enter_frame(frame)
         try:
             blobs = list(codec.iter_blobs(frame))
         except DecodeError as exc:
@@ -149,16 +155,17 @@ class Node:
         self, watermark: int, values: list[list[Any]], errors: list[list[Any]]
     ) -> list[bytes | memoryview]:
         after: list[tuple[int, Callable[[], None]]] = self._frame.after_reply
+        leave_frame()
         try:
             reply = codec.encode([watermark, values, errors])
-        except EncodeError:
+        except (EncodeError, RuntimeError, MemoryError, ValueError):
             # One value cannot travel: answer that request with the error, keep the rest.
             good = []
             for seq, value in values:
                 try:
                     codec.encode(value)
                     good.append([seq, value])
-                except EncodeError as exc:
+                except (EncodeError, RuntimeError, MemoryError, ValueError) as exc:
                     errors.append([seq, error_to_wire(exc, worker=self.id), []])
                     after = [(s, f) for s, f in after if s != seq]
             reply = codec.encode([watermark, good, errors])
@@ -233,6 +240,7 @@ class Node:
             )
         args = self.resolve_args(req.args)
         kwargs = self.resolve_args(req.kwargs) if req.kwargs else {}
+        self.budget.check_op(req.op, fn, args, kwargs, self.store.nbytes)
         if req.grad_enabled == torch.is_grad_enabled():  # the caller's (thread-local) grad mode
             result = self.call(fn, args, kwargs, req.result_ids)
         else:
@@ -272,6 +280,7 @@ class Node:
         value = self.store.get(req.obj_id)
         if type(value) is Failure:  # get() surfaces the error of the command that made it
             raise error_from_wire(value.error)
+        self.budget.check_reply(value, req.obj_id)
         if req.remove:
             def finish(obj_id: int = req.obj_id, value: Any = value) -> None:
                 release = getattr(value, "_fedws_release", None)
@@ -287,13 +296,16 @@ class Node:
         return _NO_VALUE
 
     def _search(self, req: Search) -> Any:
-        return [_describe(e) for e in self.store.entries(self.store.search(req.tags))]
+        found = self.store.search(req.tags)
+        check_listing(len(found), self.id)
+        return [_describe(e) for e in self.store.entries(found)]
 
     def _info(self, req: Info) -> Any:
         what = req.what
         if what == "count":
             return len(self.store)
         if what == "list":
+            check_listing(len(self.store), self.id)
             return [_describe(e) for e in self.store.entries()]
         if what == "nbytes":
             return self.store.nbytes
@@ -314,7 +326,10 @@ class Node:
         return _NO_VALUE
 
     def _run_plan(self, req: RunPlan) -> Any:
-        run_plan(self.store, req, resolve_args=self.resolve_args, resolver=self.resolve_op, worker=self.id)
+        run_plan(
+            self.store, req, resolve_args=self.resolve_args, resolver=self.resolve_op, worker=self.id,
+            guard=self.budget.plan_guard(self.store.nbytes),
+        )
         return _NO_VALUE
 
     def _store_plan(self, req: StorePlan) -> Any:

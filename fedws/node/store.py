@@ -29,9 +29,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-import torch
-
 from ..exceptions import ObjectNotFoundError, StoreFullError
+from .limits import own
 
 __all__ = ["ObjectStore", "Failure", "Entry"]
 
@@ -57,13 +56,6 @@ class Entry(NamedTuple):
     description: str | None
 
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-        try:
-            return obj.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):
-            return 0
-    return 0
 
 
 _NO_TAGS: frozenset[str] = frozenset()
@@ -74,7 +66,7 @@ class ObjectStore:
     """Id -> object, plus tags and descriptions; safe to share between threads.
 
     ``objects`` is the live dict (``worker._objects`` in the seed tutorials shows it).
-    ``max_bytes`` caps the bytes of tensor storage held; a store that would exceed it
+    ``max_bytes`` caps the bytes held (every byte: see :func:`~fedws.node.limits.own`); a store that would exceed it
     refuses the object and keeps everything it already had. See the module docstring for
     what is atomic and what is a snapshot.
     """
@@ -110,7 +102,9 @@ class ObjectStore:
             StoreFullError: the object would take the store over ``max_bytes``; nothing
                 changed.
         """
-        size = _nbytes(obj) if self.max_bytes is not None else 0  # outside the lock: no store state
+        # Outside the lock (no store state). Every byte is counted, cap or not (the node's
+        # memory budget needs the total); a tensor borrowing a frame is copied (limits.own).
+        obj, size = own(obj)
         tag_set = frozenset(tags) if tags else _NO_TAGS
         with self.lock:
             old = self._sizes.get(obj_id, 0)

@@ -20,6 +20,8 @@ from typing import Any
 from ..exceptions import (
     DependencyError,
     FedwsError,
+    LimitExceededError,
+    MemoryBudgetError,
     ObjectNotFoundError,
     OpNotAllowedError,
     PlanError,
@@ -37,6 +39,8 @@ _REMOTE_CLASSES: dict[str, type[RemoteError]] = {
         OpNotAllowedError,
         DependencyError,
         StoreFullError,
+        MemoryBudgetError,
+        LimitExceededError,
         PlanError,
     )
 }

@@ -51,6 +51,8 @@ __all__ = [
     "StorePlan",
     "REQUESTS",
     "INFO_WHATS",
+    "MAX_RESULT_IDS",
+    "MAX_DELETE_IDS",
     "split_request",
     "parse_request",
 ]
@@ -74,6 +76,12 @@ class Kind(IntEnum):
 
 # Seq used in an error entry that concerns the whole frame (it could not be decoded).
 FRAME_ERROR_SEQ = -1
+
+# Result ids of one CMD or RUN_PLAN, and ids of one DELETE. A command with 10^6 result ids
+# made the node hold 10^6 failures (and every later INFO list describe them); real commands
+# have a few (``unbind`` of a batch: its length). Clients split larger deletes.
+MAX_RESULT_IDS = 4096
+MAX_DELETE_IDS = 4096
 
 # What an INFO request may ask.
 INFO_WHATS = frozenset({"count", "list", "nbytes", "meta"})
@@ -114,9 +122,11 @@ def _id(kind: Kind, name: str, v: Any) -> int:
     return int(v)
 
 
-def _ids(kind: Kind, name: str, v: Any) -> list[int]:
+def _ids(kind: Kind, name: str, v: Any, cap: int = MAX_RESULT_IDS) -> list[int]:
     if type(v) is not list or not all([type(i) is int for i in v]):
         raise _bad(kind, f"{name} must be a list of ints", v)
+    if len(v) > cap:
+        raise DecodeError(f"malformed {kind.name} request: {len(v)} {name}, at most {cap}")
     return v
 
 
@@ -145,9 +155,10 @@ def _bool(kind: Kind, name: str, v: Any) -> bool:
 
 
 def _ids_at(fields: Sequence[Any], i: int) -> list[int]:
-    """Lenient read for :meth:`Request.blame`: the ints of a list field, or none."""
+    """Lenient read for :meth:`Request.blame`: the ints of a list field, or none (also when
+    there are more than :data:`MAX_RESULT_IDS`: a node holds no failure for those)."""
     v = fields[i] if len(fields) > i else None
-    return [x for x in v if _is_id(x)] if type(v) is list else []
+    return [x for x in v if _is_id(x)] if type(v) is list and len(v) <= MAX_RESULT_IDS else []
 
 
 def _id_at(fields: Sequence[Any], i: int) -> int | None:
@@ -285,7 +296,7 @@ class Delete(Request):
     @classmethod
     def parse(cls, fields: Sequence[Any]) -> Delete:
         _count(cls.KIND, fields, 1)
-        return cls(_ids(cls.KIND, "ids", fields[0]))
+        return cls(_ids(cls.KIND, "ids", fields[0], MAX_DELETE_IDS))
 
     def fields(self) -> list[Any]:
         return [self.ids]

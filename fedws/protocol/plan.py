@@ -20,9 +20,15 @@ from .codec import DTYPE_NAMES, DTYPES, ObjRef
 from .ops import FEDWS_OPS, OPS
 from .tree import tree_leaves
 
-__all__ = ["Op", "PlanCode", "OutSpec"]
+__all__ = ["Op", "PlanCode", "OutSpec", "MAX_REGISTERS", "MAX_OPS", "MAX_STATE"]
 
 WIRE_VERSION = 1
+# Caps on a plan from the wire, checked before anything is sized by them: a node allocates
+# one slot per register when it runs a plan (a 54-byte plan declaring 10^9 registers got the
+# node OOM-killed). Traced plans of real models have hundreds to a few thousand of each.
+MAX_REGISTERS = 1 << 20
+MAX_OPS = 1 << 18
+MAX_STATE = 1 << 16
 
 # (shape, dtype, requires_grad) of one output, as seen when the plan was traced.
 OutSpec = tuple[tuple[int, ...], torch.dtype, bool]
@@ -86,6 +92,10 @@ class PlanCode:
             state = d["state"]
             if not (isinstance(name, str) and _ints(n_args, n_inputs, n_regs) and isinstance(state, list)):
                 raise DecodeError("plan header has the wrong types")
+            if not 0 <= n_regs <= MAX_REGISTERS:
+                raise DecodeError(f"plan declares {n_regs} registers, at most {MAX_REGISTERS}")
+            if len(state) > MAX_STATE or not isinstance(d["ops"], list) or len(d["ops"]) > MAX_OPS:
+                raise DecodeError(f"plan has too many ops or state tensors (at most {MAX_OPS} and {MAX_STATE})")
             if not all(isinstance(t, torch.Tensor) for t in state):
                 raise DecodeError("plan state must hold tensors only")
             if n_inputs + len(state) > n_regs:
