@@ -15,13 +15,22 @@ from .version import __version__
 
 __all__ = ["main"]
 
+INSECURE_WARNING = (
+    "WARNING: --insecure-dev (or policy = \"open\") turns every protection off: any coordinator "
+    "may read, change and delete everything on the node, including the data it serves."
+)
+
 
 def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "worker",
         help="start a worker node",
         description="Start a worker node that serves tensors over a WebSocket. "
-        "It prints one line with its URL once it listens; SIGINT/SIGTERM stop it cleanly.",
+        "It prints one line with its URL once it listens; SIGINT/SIGTERM stop it cleanly. "
+        "By default the node is private: each coordinator sees only its own objects, the data "
+        "the node serves is read-only and never leaves, and values computed from it leave only "
+        "through the release rules of its config (approved plans, differential privacy). "
+        f"{INSECURE_WARNING}",
     )
     p.add_argument("--config", type=Path, help="node config (TOML); options below override it")
     p.add_argument("--id", help="the node's id (required without --config)")
@@ -38,6 +47,13 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="torch threads for this node (default: torch's choice; use 1 when several "
         "nodes share a small machine)",
     )
+    p.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="DEVELOPMENT ONLY: run the node open (policy = \"open\"): every coordinator may read, "
+        "change and delete every object, served data included. Never with real data.",
+    )
+    p.add_argument("--audit-log", help="write the audit log (JSON lines, rotated) to this file")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -75,6 +91,10 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         if value is not None:
             setattr(cfg, name, value)
     cfg.token = args.token or os.environ.get("FEDWS_TOKEN") or cfg.token
+    if args.insecure_dev:
+        cfg.policy = "open"
+    if args.audit_log:
+        cfg.audit_log = args.audit_log
     if bool(cfg.certfile) != bool(cfg.keyfile):
         raise SystemExit("fedws worker: --certfile and --keyfile go together")
     return cfg
@@ -95,6 +115,9 @@ def run_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fedws worker: {exc}", file=sys.stderr)
         return 2
+
+    if cfg.policy == "open":
+        print(f"fedws worker {cfg.id}: {INSECURE_WARNING}", file=sys.stderr, flush=True)
 
     def ready(url: str) -> None:
         print(f"fedws worker {cfg.id} listening on {url}", flush=True)

@@ -25,7 +25,7 @@ class NodePool:
     def url(self, worker_id: str) -> str:
         node = self.nodes.get(worker_id)
         if node is None or (node.process is not None and node.process.poll() is not None):
-            node = self.nodes[worker_id] = start_node(id=worker_id, port=0, extra_args=["--threads", "1"])
+            node = self.nodes[worker_id] = start_node(id=worker_id, port=0, extra_args=["--threads", "1", "--insecure-dev"])
         return node.url
 
     def stop_all(self) -> None:

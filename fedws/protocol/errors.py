@@ -22,7 +22,9 @@ from ..exceptions import (
     FedwsError,
     ObjectNotFoundError,
     OpNotAllowedError,
+    PermissionDeniedError,
     PlanError,
+    PrivacyBudgetExceededError,
     RemoteError,
     StoreFullError,
 )
@@ -38,6 +40,8 @@ _REMOTE_CLASSES: dict[str, type[RemoteError]] = {
         DependencyError,
         StoreFullError,
         PlanError,
+        PermissionDeniedError,
+        PrivacyBudgetExceededError,
     )
 }
 # Node-side protocol errors reach the client as remote errors of the same name.

@@ -35,7 +35,7 @@ from ..exceptions import (
     WrongThreadError,
 )
 from .frames import fragments, receive
-from .handshake import NODE_ID_HEADER, auth_headers
+from .handshake import NODE_ID_HEADER, auth_headers, new_session_key
 from .io_thread import IOThread, in_io_thread, wait
 from .link import Endpoint
 
@@ -91,6 +91,7 @@ class WebsocketLink:
         self.expected_id = expected_id
         self.node_id: str | None = None
         self.token = token
+        self.session_key = new_session_key()  # the node keeps our objects under it across reconnects
         self.connect_timeout = connect_timeout
         self._ssl = ssl
         self._max_size = int(max_frame_mb * 2**20)
@@ -129,7 +130,7 @@ class WebsocketLink:
             ws = await asyncio.wait_for(
                 ws_connect(
                     self._address,
-                    additional_headers=auth_headers(self.token),
+                    additional_headers=auth_headers(self.token, self.session_key),
                     compression=None,
                     max_size=self._max_size,
                     **tls,
