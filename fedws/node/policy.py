@@ -21,7 +21,6 @@ its accountant. No I/O here.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -32,7 +31,6 @@ from typing import Any
 import torch
 
 from ..exceptions import PermissionDeniedError, PrivacyBudgetExceededError
-from ..protocol import codec
 from ..protocol.ops import is_inplace
 from ..protocol.plan import PlanCode
 
@@ -142,10 +140,7 @@ def plan_digest(code: PlanCode, state: list[torch.Tensor]) -> str:
     the plan computes (captured constants are state): an approval covers exactly the code
     and the constants the operator reviewed; only the arguments are the caller's choice.
     """
-    h = hashlib.sha256()
-    for chunk in codec.encode(code.to_wire(list(state))):
-        h.update(chunk)
-    return h.hexdigest()
+    return code.digest(list(state))
 
 
 # -- which arguments an op writes ---------------------------------------------------------
