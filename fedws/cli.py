@@ -53,6 +53,14 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="DEVELOPMENT ONLY: run the node open (policy = \"open\"): every coordinator may read, "
         "change and delete every object, served data included. Never with real data.",
     )
+    p.add_argument(
+        "--approve-plan",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="approve a plan by its sha256 digest (repeatable; adds to [release] approved_plans): "
+        "what it computes from private data, and what it updates in place, may leave the node",
+    )
     p.add_argument("--audit-log", help="write the audit log (JSON lines, rotated) to this file")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
@@ -95,6 +103,10 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cfg.policy = "open"
     if args.audit_log:
         cfg.audit_log = args.audit_log
+    for digest in args.approve_plan:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise SystemExit(f"fedws worker: --approve-plan takes a 64-hex-digit sha256 digest, got {digest!r}")
+        cfg.approved_plans.append(digest.lower())
     if bool(cfg.certfile) != bool(cfg.keyfile):
         raise SystemExit("fedws worker: --certfile and --keyfile go together")
     return cfg
