@@ -475,6 +475,14 @@ class Node:
         state.refs.append((obj_id, value))
         return value
 
+    def _share_results(self, refs: list[tuple[int, Any]], result_ids: list[int]) -> None:
+        """Results computed from a shared object are shared too: along a pointer chain the
+        next node computes in its own session, and the coordinator holding the ids reaches
+        the results (the ids are the capability, as for the object shared first)."""
+        shared = self.store.shared
+        if any(i in shared for i, _ in refs):
+            shared.update(result_ids)
+
     def _begin(self) -> Any:
         state = self._frame
         state.tainted = state.derived = False
@@ -540,6 +548,8 @@ class Node:
             with torch.set_grad_enabled(req.grad_enabled):
                 result = self.call(fn, args, kwargs, req.result_ids)
         self.store_results(op, result, req.result_ids, caller, tainted)
+        if self.store.shared and not tainted:
+            self._share_results(state.refs, req.result_ids)
         if snapshot is not None:
             targets = {id(t) for t in written_args(op, args, kwargs)} if writes else set()
             also = [i for i, t in state.refs if id(t) in targets]
@@ -665,6 +675,8 @@ class Node:
         private = tainted and not released
         for rid, value in zip(req.result_ids, outputs):
             store.set(rid, value, owner=caller, private=private)
+        if store.shared and not private:
+            self._share_results(refs, req.result_ids)
         if snapshot is not None:
             # The plan may have written into any argument (.data =, .grad =): all are private now.
             self._taint_after(snapshot, [i for i, _ in refs])
