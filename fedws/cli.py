@@ -73,6 +73,33 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     d.add_argument("--run-dir", type=Path, default=Path("workers/run"), help="where 'up' wrote PID files")
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("plan", help="review and approve the plans that reached a private node")
+    ps = p.add_subparsers(dest="plan_command", required=True)
+    show = ps.add_parser("show", help="list the plans in a node's audit log, or print one's code")
+    show.add_argument("audit_log", type=Path, help="the node's audit log (audit_log in its config)")
+    show.add_argument("digest", nargs="?", help="a digest (or its first digits): print that plan's code")
+    appr = ps.add_parser("approve", help="add a plan digest to [release] approved_plans of a node config")
+    appr.add_argument("digest", help="the plan's sha256 digest (64 hex digits)")
+    appr.add_argument("--config", type=Path, required=True, help="the node config (TOML) to change")
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    from .plan_admin import approve, show
+
+    try:
+        if args.plan_command == "show":
+            print(show(args.audit_log, args.digest))
+        else:
+            added = approve(args.config, args.digest)
+            print(f"{'approved' if added else 'already approved'}: {args.digest} in {args.config}"
+                  " (restart the node to apply)")
+    except (ValueError, OSError) as exc:
+        print(f"fedws plan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedws",
@@ -82,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _worker_parser(sub)
     _up_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -145,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         return run_worker(args)
+    if args.command == "plan":
+        return run_plan_command(args)
     from .launch import down, up
 
     if args.command == "up":

@@ -700,7 +700,12 @@ class Node:
             "approved" if approved else "not approved: its outputs stay private",
             code.pretty(),
         )
-        self.audit.record("store_plan", caller, plan=digest, name=code.name, ops=len(code.ops), approved=approved)
+        # The plan's code is the coordinator's program, not the node's data: the operator
+        # reviews it from here (``fedws plan show``).
+        self.audit.record(
+            "store_plan", caller, plan=digest, name=code.name, ops=len(code.ops), approved=approved,
+            code=code.pretty(),
+        )
         self.store.set(req.plan_id, StoredPlan(code, plan_state, digest), owner=caller)
         return _NO_VALUE
 

@@ -242,3 +242,36 @@ def test_dp_release_with_a_budget_on_a_real_node(tmp_path: Path) -> None:
         assert log.count('"rule": "dp"') == 2
     finally:
         n.stop()
+
+
+def test_operator_reviews_and_approves_a_plan_with_fedws_plan(tmp_path: Path) -> None:
+    from fedws.cli import main
+
+    @sy.func2plan(args_shape=[(-1, FEATURES)])
+    def column_means(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(0)
+
+    digest = column_means.signature.code.digest(column_means.state_tensors)
+    cfg = write_config(tmp_path, "alice")
+    for approved in (False, True):
+        n = node(cfg)
+        try:
+            with connect(n) as a:
+                (x,) = a.search("#x")
+                means = column_means.send(a)(x)
+                if approved:
+                    assert means.get().shape == (FEATURES,)
+                else:
+                    with pytest.raises(sy.PermissionDeniedError):
+                        means.get()
+        finally:
+            n.stop()
+        if not approved:  # the operator reviews what arrived, then approves it
+            audit = str(tmp_path / "alice-audit.jsonl")
+            assert main(["plan", "show", audit]) == 0
+            assert main(["plan", "show", audit, digest[:12]]) == 0
+            assert main(["plan", "approve", digest, "--config", str(cfg)]) == 0
+            assert main(["plan", "approve", "nothex", "--config", str(cfg)]) == 2
+    from fedws.plan_admin import show
+    assert "def column_means(arg_1):" in show(tmp_path / "alice-audit.jsonl", digest[:12])
+    assert digest in cfg.read_text()
