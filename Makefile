@@ -9,7 +9,7 @@ STAMP = .make-installed
 # The pinned CPU torch goes first: a bare `torch` requirement would pull CUDA wheels.
 $(STAMP): pyproject.toml
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test,demo,dev]"
+	$(PIP) install -q -e ".[test,demo,dev,dp]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -3,7 +3,11 @@
 1. prepares the data if needed (``examples/prepare_data.py``: sklearn's bundled digits,
    sharded into ``workers/data/``),
 2. starts one node process per ``workers/*.toml`` (alice, bob, charlie on ports
-   8777-8779); each node loads its own shard and serves it under tags,
+   8777-8779); each node loads its own shard and serves it under tags. The nodes run in
+   the private policy (the default of ``fedws worker``): no coordinator can read the shards
+   or anything computed from them, except what a plan the operator approved computes. The
+   demo plays the operator too: it computes the digest of FedAvg's training-step plan and
+   starts each node with ``--approve-plan <digest>`` (and an audit log in ``workers/run/``),
 3. trains a small MLP with FedAvg: every round the model goes to the nodes, trains there on
    data the coordinator never sees (one training-step plan call per minibatch, sent to
    each node once), and only the parameters come back to be averaged,
@@ -25,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fedws as sy
-from fedws.fl import FedAvg, FedAvgConfig, History, RoundMetrics, evaluate
+from fedws.fl import FedAvg, FedAvgConfig, History, RoundMetrics, evaluate, training_plan_digest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -69,15 +74,26 @@ def ensure_data(non_iid: bool, seed: int) -> list[Path]:
 
 
 @contextlib.contextmanager
-def network_federation(configs: list[Path], trusted: bool) -> Iterator[tuple[list[sy.Worker], sy.Worker | None]]:
-    """Node processes from the configs (stopped on exit), and connected handles to them."""
-    from fedws.launch import start_node, start_nodes
+def network_federation(
+    configs: list[Path], trusted: bool, approved: str
+) -> Iterator[tuple[list[sy.Worker], sy.Worker | None]]:
+    """Private node processes from the configs (stopped on exit), and connected handles to them.
+
+    ``approved`` is the digest of the training-step plan: the one release rule FedAvg needs.
+    """
+    from fedws.launch import start_node
 
     # Node processes inherit this: one torch thread each, or 3 nodes + the coordinator
     # fight over the cores for a model this small.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-    with start_nodes(configs) as nodes, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        nodes = []
+        for config in configs:
+            # The operator's part: approve the one plan FedAvg runs, keep an audit log.
+            audit = WORKERS / "run" / f"audit-{config.stem}.jsonl"
+            n = start_node(config, extra_args=["--approve-plan", approved, "--audit-log", str(audit)])
+            stack.callback(n.stop)
+            nodes.append(n)
         for n in nodes:
             print(f"  node {n.id:<8} pid {n.pid:<7} {n.url}")
         workers = [stack.enter_context(sy.connect(n.url)) for n in nodes]
@@ -193,7 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             mode = "virtual"
             print("fedws.launch is not available: falling back to in-process VirtualWorkers (--virtual)")
-    federation = network_federation if mode == "network" else virtual_federation
+    if mode == "network":
+        # What the nodes' operator approves: the digest of FedAvg's training-step plan for
+        # this model, loss, learning rate, momentum and data signature.
+        shard = load_file(str(DATA / f"{NODE_NAMES[0]}.safetensors"))
+        approved = training_plan_digest(
+            make_model(args.seed), cfg,
+            x_like=(tuple(shard["x"].shape[1:]), shard["x"].dtype), y_like=(tuple(shard["y"].shape[1:]), shard["y"].dtype),
+        )
+        print(f"private nodes; approved plan: train_step sha256 {approved[:16]}...")
+
+        def federation(configs: list[Path], trusted: bool) -> contextlib.AbstractContextManager[Any]:
+            return network_federation(configs, trusted, approved)
+    else:
+        federation = virtual_federation
     shards = "non-IID" if args.non_iid else "IID"
     print(f"mode: {mode} — {len(configs)} nodes from workers/*.toml, {shards} shards"
           f"{', trusted aggregator' if args.trusted else ''}")

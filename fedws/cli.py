@@ -15,13 +15,22 @@ from .version import __version__
 
 __all__ = ["main"]
 
+INSECURE_WARNING = (
+    "WARNING: --insecure-dev (or policy = \"open\") turns every protection off: any coordinator "
+    "may read, change and delete everything on the node, including the data it serves."
+)
+
 
 def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "worker",
         help="start a worker node",
         description="Start a worker node that serves tensors over a WebSocket. "
-        "It prints one line with its URL once it listens; SIGINT/SIGTERM stop it cleanly.",
+        "It prints one line with its URL once it listens; SIGINT/SIGTERM stop it cleanly. "
+        "By default the node is private: each coordinator sees only its own objects, the data "
+        "the node serves is read-only and never leaves, and values computed from it leave only "
+        "through the release rules of its config (approved plans, differential privacy). "
+        f"{INSECURE_WARNING}",
     )
     p.add_argument("--config", type=Path, help="node config (TOML); options below override it")
     p.add_argument("--id", help="the node's id (required without --config)")
@@ -47,9 +56,19 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument(
         "--insecure-dev",
         action="store_true",
-        help="DEVELOPMENT ONLY: coordinators may make this node connect to any address "
-        "(add_worker), not only to the [[peers]] its config lists",
+        help="DEVELOPMENT ONLY: run the node open (policy = \"open\"): every coordinator may read, "
+        "change and delete every object, served data included, and make the node connect to any "
+        "address (add_worker), not only to the [[peers]] its config lists. Never with real data.",
     )
+    p.add_argument(
+        "--approve-plan",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="approve a plan by its sha256 digest (repeatable; adds to [release] approved_plans): "
+        "what it computes from private data, and what it updates in place, may leave the node",
+    )
+    p.add_argument("--audit-log", help="write the audit log (JSON lines, rotated) to this file")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -61,6 +80,33 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     d.add_argument("--run-dir", type=Path, default=Path("workers/run"), help="where 'up' wrote PID files")
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("plan", help="review and approve the plans that reached a private node")
+    ps = p.add_subparsers(dest="plan_command", required=True)
+    show = ps.add_parser("show", help="list the plans in a node's audit log, or print one's code")
+    show.add_argument("audit_log", type=Path, help="the node's audit log (audit_log in its config)")
+    show.add_argument("digest", nargs="?", help="a digest (or its first digits): print that plan's code")
+    appr = ps.add_parser("approve", help="add a plan digest to [release] approved_plans of a node config")
+    appr.add_argument("digest", help="the plan's sha256 digest (64 hex digits)")
+    appr.add_argument("--config", type=Path, required=True, help="the node config (TOML) to change")
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    from .plan_admin import approve, show
+
+    try:
+        if args.plan_command == "show":
+            print(show(args.audit_log, args.digest))
+        else:
+            added = approve(args.config, args.digest)
+            print(f"{'approved' if added else 'already approved'}: {args.digest} in {args.config}"
+                  " (restart the node to apply)")
+    except (ValueError, OSError) as exc:
+        print(f"fedws plan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedws",
@@ -70,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _worker_parser(sub)
     _up_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -87,9 +134,16 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
-    if args.insecure_dev:
-        cfg.open_peers = True
     cfg.token = args.token or os.environ.get("FEDWS_TOKEN") or cfg.token
+    if args.insecure_dev:  # development: open policy and open peer links
+        cfg.policy = "open"
+        cfg.open_peers = True
+    if args.audit_log:
+        cfg.audit_log = args.audit_log
+    for digest in args.approve_plan:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise SystemExit(f"fedws worker: --approve-plan takes a 64-hex-digit sha256 digest, got {digest!r}")
+        cfg.approved_plans.append(digest.lower())
     if bool(cfg.certfile) != bool(cfg.keyfile):
         raise SystemExit("fedws worker: --certfile and --keyfile go together")
     return cfg
@@ -111,6 +165,9 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"fedws worker: {exc}", file=sys.stderr)
         return 2
 
+    if cfg.policy == "open":
+        print(f"fedws worker {cfg.id}: {INSECURE_WARNING}", file=sys.stderr, flush=True)
+
     def ready(url: str) -> None:
         print(f"fedws worker {cfg.id} listening on {url}", flush=True)
 
@@ -125,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         return run_worker(args)
+    if args.command == "plan":
+        return run_plan_command(args)
     from .launch import down, up
 
     if args.command == "up":

@@ -17,7 +17,9 @@ so code written against ``ConnectionError`` or ``TimeoutError`` keeps working::
     │   ├── StoreFullError            the node's store cap would be exceeded
     │   │   └── MemoryBudgetError     a command/reply would exceed the node's memory budget
     │   ├── LimitExceededError        a request or reply exceeds a node's size limit
-    │   └── PlanError                 a step of a remote plan failed (names op and position)
+    │   ├── PlanError                 a step of a remote plan failed (names op and position)
+    │   └── PermissionDeniedError     the node's policy refused it (another's object, private data)
+    │       └── PrivacyBudgetExceededError  a DP release would exceed the principal's budget
     ├── FedwsConnectionError          also a builtin ConnectionError
     │   ├── ConnectionLostError       the link dropped while commands were pending
     │   └── AuthenticationError       the node refused the token
@@ -46,6 +48,8 @@ __all__ = [
     "MemoryBudgetError",
     "LimitExceededError",
     "PlanError",
+    "PermissionDeniedError",
+    "PrivacyBudgetExceededError",
     "FedwsConnectionError",
     "ConnectionLostError",
     "AuthenticationError",
@@ -146,6 +150,16 @@ class LimitExceededError(RemoteError):
 
 class PlanError(RemoteError):
     """A step of a plan failed; the message names the op and its position."""
+
+
+class PermissionDeniedError(RemoteError):
+    """The node's policy refused the request: the object belongs to another session or
+    principal, it is data the node serves (read-only), or it is private and no release
+    rule the node's operator configured lets it leave. Nothing was changed."""
+
+
+class PrivacyBudgetExceededError(PermissionDeniedError):
+    """A differentially private release would take the principal past its privacy budget."""
 
 
 class FedwsConnectionError(FedwsError, ConnectionError):

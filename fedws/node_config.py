@@ -27,6 +27,25 @@ peers listed here, and presents to each the credential listed for it — never i
 
 ``open_peers = true`` (development only, or ``fedws worker --insecure-dev``) lets a
 coordinator name any address; the node then presents no credential there.
+
+The security sections (see the README's "Security model")::
+
+    policy = "private"              # default; "open" is the development mode (no checks)
+    audit_log = "run/alice-audit.jsonl"
+    [[tokens]]                      # each credential names a principal; hashed at rest
+    principal = "lab-a"
+    sha256 = "<hex sha256 of the token>"     # printf %s "$TOKEN" | sha256sum
+    [[tokens]]
+    principal = "lab-b"
+    token_file = "secrets/lab-b.token"       # or the token in a file only the node reads
+    [release]
+    approved_plans = ["<hex plan digest>"]   # outputs of these plans may leave
+    [release.dp]                             # optional: differentially private release
+    max_norm = 1.0
+    noise_multiplier = 1.1
+    epsilon = 3.0
+    delta = 1e-5
+    always = false                           # true: every private release is DP
 """
 
 from __future__ import annotations
@@ -40,7 +59,10 @@ from urllib.parse import urlsplit
 
 import torch
 
-__all__ = ["NodeConfig", "DataEntry", "PeerEntry", "load_config", "load_tensor", "same_url"]
+from .node.policy import MODES, DPRule
+from .transport.handshake import token_digest
+
+__all__ = ["NodeConfig", "DataEntry", "PeerEntry", "TokenEntry", "load_config", "load_tensor", "same_url"]
 
 
 @dataclass
@@ -130,6 +152,14 @@ _PEER_KEYS = {"id", "url", "token", "token_env", "token_file", "secret_env", "se
 
 
 @dataclass
+class TokenEntry:
+    """One credential: the principal it names and the sha256 (hex) of the token."""
+
+    principal: str
+    sha256: str
+
+
+@dataclass
 class NodeConfig:
     """Everything needed to start one node. CLI options override these."""
 
@@ -147,6 +177,11 @@ class NodeConfig:
     peers: list[PeerEntry] = field(default_factory=list)
     peer_timeout: float = 10.0
     open_peers: bool = False
+    policy: str = "private"
+    tokens: list[TokenEntry] = field(default_factory=list)
+    approved_plans: list[str] = field(default_factory=list)
+    dp: DPRule | None = None
+    audit_log: str | None = None
 
     @property
     def url(self) -> str:
@@ -156,8 +191,58 @@ class NodeConfig:
 
 _KEYS = {
     "id", "host", "port", "token", "certfile", "keyfile", "max_frame_mb", "max_store_mb",
-    "max_memory_mb", "threads", "data", "peers", "peer_timeout", "open_peers",
+    "max_memory_mb", "threads", "data", "peers", "peer_timeout", "open_peers", "policy", "tokens", "release",
+    "audit_log",
 }
+_DP_KEYS = {"max_norm", "noise_multiplier", "epsilon", "delta", "always"}
+
+
+def _tokens(path: Path, raw: Any) -> list[TokenEntry]:
+    out = []
+    if not isinstance(raw, list):
+        raise ValueError(f"node config {path}: 'tokens' must be an array of tables ([[tokens]])")
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict) or set(t) - {"principal", "sha256", "token_file"}:
+            raise ValueError(f"node config {path}: tokens entry {i} takes principal, sha256 or token_file")
+        principal = t.get("principal")
+        if not isinstance(principal, str) or not principal:
+            raise ValueError(f"node config {path}: tokens entry {i} has no 'principal'")
+        if ("sha256" in t) == ("token_file" in t):
+            raise ValueError(f"node config {path}: tokens entry {i} ({principal}): give sha256 or token_file")
+        if "sha256" in t:
+            digest = str(t["sha256"]).lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"node config {path}: tokens entry {i} ({principal}): sha256 is 64 hex digits")
+        else:
+            f = Path(t["token_file"])
+            f = f if f.is_absolute() else path.parent / f
+            try:
+                token = f.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"node config {path}: token_file of {principal!r}: {exc.strerror or exc}") from None
+            if not token:
+                raise ValueError(f"node config {path}: token_file of {principal!r} is empty")
+            digest = token_digest(token)
+        out.append(TokenEntry(principal, digest))
+    return out
+
+
+def _release(path: Path, raw: Any) -> tuple[list[str], DPRule | None]:
+    if not isinstance(raw, dict) or set(raw) - {"approved_plans", "dp"}:
+        raise ValueError(f"node config {path}: [release] takes approved_plans and [release.dp]")
+    plans = raw.get("approved_plans", [])
+    if not isinstance(plans, list) or not all(isinstance(h, str) and len(h) == 64 for h in plans):
+        raise ValueError(f"node config {path}: release.approved_plans must list 64-hex-digit plan digests")
+    dp = None
+    if "dp" in raw:
+        d = raw["dp"]
+        if not isinstance(d, dict) or set(d) - _DP_KEYS:
+            raise ValueError(f"node config {path}: [release.dp] takes {sorted(_DP_KEYS)}")
+        try:
+            dp = DPRule(**d)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"node config {path}: [release.dp]: {exc}") from None
+    return [h.lower() for h in plans], dp
 
 
 def load_config(path: str | Path) -> NodeConfig:
@@ -190,7 +275,17 @@ def load_config(path: str | Path) -> NodeConfig:
     peers = [_peer_entry(path, i, p) for i, p in enumerate(raw.pop("peers", []))]
     if len({p.id for p in peers}) != len(peers):
         raise ValueError(f"node config {path}: a peer id is listed twice")
-    return NodeConfig(**raw, data=entries, peers=peers)
+    tokens = _tokens(path, raw.pop("tokens", []))
+    plans, dp = _release(path, raw.pop("release", {}))
+    if raw.get("policy", "private") not in MODES:
+        raise ValueError(f"node config {path}: policy must be one of {list(MODES)}")
+    audit = raw.pop("audit_log", None)
+    if audit is not None:
+        a = Path(audit)
+        audit = str(a if a.is_absolute() else path.parent / a)
+    return NodeConfig(
+        **raw, data=entries, peers=peers, tokens=tokens, approved_plans=plans, dp=dp, audit_log=audit
+    )
 
 
 def _peer_entry(path: Path, i: int, raw: Any) -> PeerEntry:

@@ -20,11 +20,14 @@ from .client.federation import Federation
 from .client.websocket_worker import WebsocketClientWorker
 from .exceptions import OpNotAllowedError
 from .hook import TorchHook
+from .node.audit import open_audit_log
+from .node.policy import Policy
 from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
 from .protocol.codec import peek_kinds
 from .protocol.ids import new_id
 from .protocol.messages import Kind
-from .transport.link import Chunks
+from .transport.handshake import DEFAULT_PRINCIPAL, Credentials, token_digest
+from .transport.link import Chunks, FrameHandler
 from .transport.server import FrameServer
 from .virtual import VirtualWorker
 
@@ -64,7 +67,11 @@ class NodeServer:
         self.worker = VirtualWorker(
             self.hook, id=config.id, max_store_mb=config.max_store_mb, max_memory_mb=config.max_memory_mb
         )
-        self.worker.node.add_peer = self._add_peer
+        node = self.worker.node
+        node.add_peer = self._add_peer
+        node.policy = Policy(config.policy, frozenset(config.approved_plans), config.dp)
+        if config.audit_log:
+            self._audit_handler = open_audit_log(config.audit_log)
         self.peer_timeout = config.peer_timeout if peer_timeout is None else peer_timeout
         self.listed_peers: dict[str, PeerEntry] = {p.id: p for p in config.peers}
         if config.open_peers:
@@ -85,10 +92,40 @@ class NodeServer:
             keyfile=config.keyfile,
             max_frame_mb=config.max_frame_mb,
             peer_secrets={p.id: secret for p in config.peers if (secret := p.secret()) is not None},
+            credentials=self.credentials(config),
+            open_session=self._open_session,
         )
         for entry in config.data:
             tensor = load_tensor(entry)
-            self.worker.node.store.set(new_id(), tensor, entry.tags, entry.description)
+            node.serve(new_id(), tensor, entry.tags, entry.description)
+
+    @staticmethod
+    def credentials(config: NodeConfig) -> Credentials:
+        """The tokens the node accepts: ``[[tokens]]`` entries, plus ``token`` as ``"default"``."""
+        digests = [(t.principal, t.sha256) for t in config.tokens]
+        if config.token:
+            digests.append((DEFAULT_PRINCIPAL, token_digest(config.token)))
+        return Credentials(digests, open=not digests)
+
+    def _open_session(
+        self, principal: str, session: str, address: str | None
+    ) -> tuple[FrameHandler, FrameHandler | None]:
+        """The frame handlers of one connection: every frame runs as its caller."""
+        node = self.worker.node
+        caller = node.caller(principal, session, address)
+        node.audit.connected(caller)
+        handle_frame = self.worker.handle_frame
+
+        def handle(frame: bytes | bytearray | memoryview) -> Chunks:
+            sent_before = {pid: p.session.last_seq for pid, p in list(self.worker.peers.items())}
+            reply = handle_frame(frame, caller)
+            self._wait_for_peers(sent_before)
+            return reply
+
+        def handle_inline(frame: bytes | bytearray | memoryview) -> Chunks:
+            return handle_frame(frame, caller)
+
+        return handle, handle_inline
 
     @property
     def url(self) -> str | None:

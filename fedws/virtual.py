@@ -12,6 +12,7 @@ from typing import Any
 
 from .client.worker import Worker, executing_on
 from .node import Node
+from .node.policy import Caller
 from .protocol.codec import PointerRef
 from .protocol.ids import new_id
 from .transport.inproc import InprocLink, register_node
@@ -72,11 +73,15 @@ class VirtualWorker(Worker):
                 description=getattr(obj, "description", None),
             )
 
-    def handle_frame(self, frame: bytes | bytearray | memoryview, /) -> Chunks:
-        """Run one frame on the node, as this worker: pointers arriving meanwhile are its own."""
+    def handle_frame(self, frame: bytes | bytearray | memoryview, /, caller: Caller | None = None) -> Chunks:
+        """Run one frame on the node, as this worker: pointers arriving meanwhile are its own.
+
+        ``caller``: who sent it (a node process passes each connection's); None: the local
+        coordinator.
+        """
         token = executing_on.set(self)
         try:
-            return self.node.handle(frame)
+            return self.node.handle(frame, caller)
         finally:
             executing_on.reset(token)
 

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.testing", 6, "top"),
     ("fedws.launch", 6, "top"),
     ("fedws.cli", 6, "top"),
+    ("fedws.plan_admin", 6, "top"),
     ("fedws.__main__", 6, "top"),
     ("fedws", 6, "top"),
 ]

@@ -17,6 +17,7 @@ from .config import FedAvgConfig
 from .evaluate import evaluate
 from .fedavg import FedAvg, train_federated
 from .history import History, RoundMetrics
+from .local_training import training_plan_digest
 from .sampling import sample_nodes
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "load_checkpoint",
     "evaluate",
     "sample_nodes",
+    "training_plan_digest",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "LocalRun",
     "TrainingPlans",
     "build_training_plan",
+    "training_plan_digest",
     "find_data",
     "data_from_search",
     "start_local_training",
@@ -202,6 +203,37 @@ def build_training_plan(
     plan = Plan(train_step, name="train_step")
     plan.build(*example)
     return plan
+
+
+def training_plan_digest(
+    model: nn.Module,
+    config: FedAvgConfig,
+    *,
+    x_like: tuple[tuple[int, ...], torch.dtype],
+    y_like: tuple[tuple[int, ...], torch.dtype],
+    loss_fn: LossFn | None = None,
+) -> str:
+    """The digest a private node must approve for FedAvg to train ``model`` on it.
+
+    A node in the private policy releases what a plan computes only if the plan's digest is
+    in its config (``[release] approved_plans``). FedAvg needs exactly one plan per model
+    architecture, loss, learning rate, momentum and data signature: the training step. Its
+    outputs (each step's batch loss) and what it updates in place (parameters, buffers,
+    velocities, the running loss total) are all that FedAvg fetches, so approving this one
+    digest is all a node operator has to allow.
+
+    Args:
+        model: the architecture (its values do not matter: they are the plan's arguments).
+        config: ``lr`` and ``momentum`` are baked into the plan.
+        x_like, y_like: ``(shape of one row, dtype)`` of the node's features and labels.
+        loss_fn: the loss FedAvg is given (default cross-entropy).
+    """
+    import torch.nn.functional as F
+
+    plan = build_training_plan(
+        model, loss_fn or F.cross_entropy, lr=config.lr, momentum=config.momentum, x_like=x_like, y_like=y_like
+    )
+    return plan.signature.code.digest(plan.state_tensors)
 
 
 class TrainingPlans:

@@ -25,7 +25,7 @@ from .store import Failure, ObjectStore
 
 __all__ = [
     "execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "local_resolver",
-    "TENSOR_FEDWS_OPS",
+    "TENSOR_FEDWS_OPS", "load_plan", "check_call",
 ]
 
 
@@ -131,11 +131,12 @@ def execute(
 class StoredPlan:
     """A checked plan as a node keeps it in its store, with its state tensors."""
 
-    __slots__ = ("code", "state")
+    __slots__ = ("code", "state", "digest")
 
-    def __init__(self, code: PlanCode, state: list[torch.Tensor]) -> None:
+    def __init__(self, code: PlanCode, state: list[torch.Tensor], digest: str | None = None) -> None:
         self.code = code
         self.state = state
+        self.digest = digest  # set by a node that enforces a policy (fedws.node.policy.plan_digest)
 
     def __repr__(self) -> str:
         return f"<Plan {self.code.name} ops:{len(self.code.ops)} state:{len(self.state)}>"
@@ -172,7 +173,22 @@ def run_plan(
         worker: the node's id, for error messages.
         guard: called before each op (see :func:`execute`).
     """
-    plan_id, result_ids = request.plan_id, request.result_ids
+    stored = load_plan(store, request.plan_id, worker)
+    check_call(stored.code, request)
+    inputs = flat_tensors(resolve_args(request.args))
+    outputs = execute(stored.code, inputs, stored.state, resolver, worker=worker, guard=guard)
+    for rid, value in zip(request.result_ids, outputs):
+        store.set(rid, value)
+
+
+def load_plan(store: ObjectStore, plan_id: int, worker: str) -> StoredPlan:
+    """The plan stored under ``plan_id``.
+
+    Raises:
+        ObjectNotFoundError: nothing under that id.
+        DependencyError: the plan was refused when it arrived (names why).
+        TypeError: the object is not a plan.
+    """
     stored = store.get(plan_id)
     if type(stored) is Failure:
         raise DependencyError(
@@ -185,12 +201,14 @@ def run_plan(
         )
     if not isinstance(stored, StoredPlan):
         raise TypeError(f"object {plan_id} on worker {worker!r} is a {type(stored).__name__}, not a plan")
-    code = stored.code
+    return stored
+
+
+def check_call(code: PlanCode, request: RunPlan) -> None:
+    """Raise TypeError unless ``request`` passes as many arguments and result ids as ``code`` takes."""
     if len(request.args) != code.n_args:
         raise TypeError(f"plan {code.name!r} takes {code.n_args} arguments, got {len(request.args)}")
-    if len(result_ids) != len(code.outputs):
-        raise TypeError(f"plan {code.name!r} has {len(code.outputs)} outputs, got {len(result_ids)} result ids")
-    inputs = flat_tensors(resolve_args(request.args))
-    outputs = execute(code, inputs, stored.state, resolver, worker=worker, guard=guard)
-    for rid, value in zip(result_ids, outputs):
-        store.set(rid, value)
+    if len(request.result_ids) != len(code.outputs):
+        raise TypeError(
+            f"plan {code.name!r} has {len(code.outputs)} outputs, got {len(request.result_ids)} result ids"
+        )

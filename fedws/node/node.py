@@ -5,6 +5,14 @@ in-process VirtualWorker and the WebSocket server feed it, so a behaviour tested
 holds for the other. Requests of a frame run in order; a failing request never stops the
 ones after it, and its results are stored as :class:`Failure` so that later commands using
 them fail with the same error, chained.
+
+A node enforces a :class:`~fedws.node.policy.Policy`. In the open (development) mode
+nothing is checked. In the private mode every request runs as a
+:class:`~fedws.node.policy.Caller` (principal and session, given by the transport with
+each frame): objects belong to the caller that made them, served data is read-only and
+private, privacy follows derived values, and private values leave only through the
+policy's release rules. Refusals are :class:`~fedws.exceptions.PermissionDeniedError`
+replies and lines in the audit log (:mod:`fedws.node.audit`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from ..exceptions import (
     EncodeError,
     FedwsError,
     OpNotAllowedError,
+    PermissionDeniedError,
     PointerError,
 )
 from ..protocol import codec
@@ -46,9 +55,34 @@ from ..protocol.messages import (
     split_request,
 )
 from ..protocol.ops import resolve
+from ..protocol.plan import PlanCode
 from ..protocol.tree import tree_map
-from .interpreter import TENSOR_FEDWS_OPS, run_plan, store_plan
+from .audit import Audit
+from .interpreter import (
+    TENSOR_FEDWS_OPS,
+    StoredPlan,
+    check_call,
+    execute,
+    flat_tensors,
+    load_plan,
+    run_plan,
+    store_plan,
+)
 from .limits import MemoryBudget, check_listing, default_budget, enter_frame, leave_frame
+from .policy import (
+    BACKWARD_OPS,
+    LOCAL,
+    Caller,
+    Policy,
+    PrivacyAccountant,
+    dp_noise,
+    guarded,
+    may_write,
+    plan_digest,
+    refuse_writes,
+    storage_key,
+    written_args,
+)
 from .store import Entry, Failure, ObjectStore
 
 __all__ = ["Node"]
@@ -72,6 +106,7 @@ class Node:
         pointer_factory: turns a PointerRef that arrives (a pointer chain) into a live
             pointer this node can use; given by the runtime that owns the node.
         add_peer: called for ADD_PEER requests; a node without it refuses them.
+        policy: what callers may do and what may leave (default: open, development).
     """
 
     def __init__(
@@ -82,13 +117,18 @@ class Node:
         max_memory_bytes: int | None = None,
         pointer_factory: Callable[[PointerRef], Any] | None = None,
         add_peer: Callable[[str, str | None], None] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.id = id
         self.store = ObjectStore(id, max_store_bytes)
         self.budget = MemoryBudget(max_memory_bytes or default_budget(max_store_bytes), id)
         self.pointer_factory = pointer_factory
         self.add_peer = add_peer
+        self.audit = Audit(id)
         self._frame = threading.local()
+        self._callers: dict[tuple[str, str], Caller] = {}
+        self._callers_lock = threading.Lock()
+        self._guarded_ops: dict[str, Callable[..., Any]] = {}
         # Each handler takes the record of its kind (see fedws.protocol.messages).
         self._handlers: dict[Kind, Callable[[Any], Any]] = {
             Kind.CMD: self._cmd,
@@ -103,15 +143,67 @@ class Node:
             Kind.PING: self._ping,
             Kind.STORE_PLAN: self._store_plan,
         }
+        # The same kinds under a private policy: every request checked for its caller.
+        self._checked: dict[Kind, Callable[[Any], Any]] = {
+            **self._handlers,
+            Kind.CMD: self._cmd_checked,
+            Kind.STORE: self._store_checked,
+            Kind.GET: self._get_checked,
+            Kind.DELETE: self._delete_checked,
+            Kind.SEARCH: self._search_checked,
+            Kind.INFO: self._info_checked,
+            Kind.CLEAR: self._clear_checked,
+            Kind.RUN_PLAN: self._run_plan_checked,
+            Kind.STORE_PLAN: self._store_plan_checked,
+        }
         self.fedws_ops: dict[str, Callable[..., Any]] = {
             **TENSOR_FEDWS_OPS,
             "fedws.remote_get": self._remote_get,
+            "fedws.share": self._share,
         }
+        self.policy = policy or Policy()
+
+    # -- policy ---------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        """The node's :class:`~fedws.node.policy.Policy` (settable; takes effect at once)."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy = policy
+        self.enforce = policy.enforce
+        self.accountant = PrivacyAccountant(policy.dp) if policy.dp is not None else None
+
+    def caller(self, principal: str, session: str, address: str | None = None) -> Caller:
+        """The one :class:`Caller` of (principal, session) on this node (made on first use).
+
+        A coordinator that reconnects with the same session gets the same caller, and with
+        it its objects.
+        """
+        key = (principal, session)
+        found = self._callers.get(key)
+        if found is None:
+            with self._callers_lock:
+                found = self._callers.setdefault(key, Caller(principal, session, address))
+        return found
+
+    def serve(self, obj_id: int, obj: Any, tags: Any = (), description: str | None = None) -> None:
+        """Hold ``obj`` as data this node serves: private and read-only under a private policy."""
+        if self.enforce:
+            self.store.serve(obj_id, obj, tags, description)
+        else:
+            self.store.set(obj_id, obj, tags, description)
 
     # -- the interface ------------------------------------------------------------------
 
-    def handle(self, frame: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
-        """Run every request of ``frame`` in order and return the encoded reply."""
+    def handle(self, frame: bytes | bytearray | memoryview, caller: Caller | None = None) -> list[bytes | memoryview]:
+        """Run every request of ``frame`` in order, as ``caller``, and return the encoded reply.
+
+        ``caller`` is who sent the frame (see :meth:`caller`); None: the local coordinator
+        of an in-process node.
+        """
         values: list[list[Any]] = []
         errors: list[list[Any]] = []
         watermark = 0
@@ -119,6 +211,8 @@ class Node:
         state = self._frame
         state.after_reply = []
         enter_frame(frame)
+        state.caller = caller or LOCAL
+        handlers = self._checked if self.enforce else self._handlers
         try:
             blobs = list(codec.iter_blobs(frame))
         except DecodeError as exc:
@@ -143,9 +237,11 @@ class Node:
             try:
                 if arrived:
                     fields = tree_map(self._materialize, fields)
-                out = self._handlers[kind](REQUESTS[kind].parse(fields))
+                out = handlers[kind](REQUESTS[kind].parse(fields))
             except Exception as exc:  # any failure becomes an error reply, never a crash
                 errors.append([seq, *self._describe_failure(exc, kind, fields)])
+                if isinstance(exc, PermissionDeniedError):
+                    self.audit.refused(state.caller, kind.name, str(exc), exc.obj_id)
                 continue
             if out is not _NO_VALUE:
                 values.append([seq, out])
@@ -186,7 +282,8 @@ class Node:
             log.info("node %s: %s failed: %s: %s", self.id, blame.op or kind.name, type(exc).__name__, exc)
         wire = error_to_wire(exc, worker=self.id, obj_id=obj_id, op=blame.op)
         if result_ids:  # later commands that use these fail the same way
-            self.store.record_failure(result_ids, wire)
+            # Under a policy only the caller's own ids (or new ones) take the failure.
+            self.store.record_failure(result_ids, wire, self._frame.caller if self.enforce else None)
         return [wire, result_ids]
 
     # -- arguments ----------------------------------------------------------------------
@@ -257,20 +354,22 @@ class Node:
         finally:
             planned_result_ids.reset(token)
 
-    def store_results(self, op: str, result: Any, result_ids: list[int]) -> None:
+    def store_results(
+        self, op: str, result: Any, result_ids: list[int], owner: Caller | None = None, private: bool = False
+    ) -> None:
         """Store ``result`` under ``result_ids``: one id takes it whole, several split it."""
         n = len(result_ids)
         if n == 0:
             return
         if n == 1:
-            self.store.set(result_ids[0], result)
+            self.store.set(result_ids[0], result, owner=owner, private=private)
             return
         if not isinstance(result, (tuple, list)) or len(result) != n:
             raise TypeError(
                 f"{op} returned {type(result).__name__}, expected {n} results"
             )
         for rid, item in zip(result_ids, result):
-            self.store.set(rid, item)
+            self.store.set(rid, item, owner=owner, private=private)
 
     def _store(self, req: Store) -> Any:
         self.store.set(req.obj_id, req.obj, req.tags, req.description)
@@ -280,6 +379,11 @@ class Node:
         value = self.store.get(req.obj_id)
         if type(value) is Failure:  # get() surfaces the error of the command that made it
             raise error_from_wire(value.error)
+        if self.audit.enabled:
+            self.audit.released(self._frame.caller, req.obj_id, _nbytes(value), "open")
+        return self._finish_get(req, value)
+
+    def _finish_get(self, req: Get, value: Any) -> Any:
         self.budget.check_reply(value, req.obj_id)
         if req.remove:
             def finish(obj_id: int = req.obj_id, value: Any = value) -> None:
@@ -336,18 +440,340 @@ class Node:
         store_plan(self.store, req, worker=self.id)
         return _NO_VALUE
 
+    # -- requests under a private policy -------------------------------------------------
+    #
+    # The frame's thread-local state carries the caller and, while one request runs, what
+    # its arguments were: ``refs`` (id, object) of every stored object it used,
+    # ``tainted`` (one of them is private) and ``derived`` (one is private and not data
+    # the node serves, i.e. already the result of some computation).
+
+    def _deny(self, message: str, obj_id: int | None = None, op: str | None = None) -> PermissionDeniedError:
+        return PermissionDeniedError(message, worker=self.id, obj_id=obj_id, op=op)
+
+    def _not_yours(self, obj_id: int) -> PermissionDeniedError:
+        if obj_id in self.store.readonly:
+            return self._deny(
+                f"object {obj_id} is data worker {self.id!r} serves: it is read-only and never leaves",
+                obj_id,
+            )
+        return self._deny(
+            f"object {obj_id} on worker {self.id!r} belongs to another session: "
+            "only its owner may use, read, change or delete it",
+            obj_id,
+        )
+
+    def _may_use(self, obj_id: int, caller: Caller) -> bool:
+        store = self.store
+        return store.owners.get(obj_id) is caller or obj_id in store.readonly or obj_id in store.shared
+
+    def _check_writable(self, obj_ids: list[int], caller: Caller) -> None:
+        """Refuse to (re)write ids that exist and are not the caller's."""
+        owners, objects = self.store.owners, self.store.objects
+        for i in obj_ids:
+            if owners.get(i) is not caller and i in objects:
+                raise self._not_yours(i)
+
+    def _resolve_checked(self, leaf: Any) -> Any:
+        if type(leaf) is not ObjRef:
+            return leaf
+        state = self._frame
+        obj_id = leaf.id
+        store = self.store
+        if store.owners.get(obj_id) is not state.caller and obj_id not in store.readonly and obj_id not in store.shared:
+            if obj_id in store.objects:
+                raise self._not_yours(obj_id)
+        value = self._resolve_ref(leaf)
+        if obj_id in store.private:
+            state.tainted = True
+            if obj_id not in store.readonly:
+                state.derived = True
+        state.refs.append((obj_id, value))
+        return value
+
+    def _share_results(self, refs: list[tuple[int, Any]], result_ids: list[int]) -> None:
+        """Results computed from a shared object are shared too: along a pointer chain the
+        next node computes in its own session, and the coordinator holding the ids reaches
+        the results (the ids are the capability, as for the object shared first)."""
+        shared = self.store.shared
+        if any(i in shared for i, _ in refs):
+            shared.update(result_ids)
+
+    def _begin(self) -> Any:
+        state = self._frame
+        state.tainted = state.derived = False
+        state.refs = []
+        return state
+
+    def _snapshot(self, refs: list[tuple[int, Any]], backward: bool) -> tuple[list[Any], dict[int, Any] | None]:
+        """What to compare after a computation on private data: versions of the non-private
+        tensors it used, and (for backward) every stored leaf's gradient."""
+        private = self.store.private
+        versions = [(i, t, t._version) for i, t in refs if type(i) is int and i not in private
+                    and isinstance(t, torch.Tensor)]
+        grads = self._grads() if backward else None
+        return versions, grads
+
+    def _grads(self) -> dict[int, Any]:
+        with self.store.lock:
+            items = list(self.store.objects.items())
+        return {
+            i: (id(t.grad), t.grad._version if t.grad is not None else -1)
+            for i, t in items
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        }
+
+    def _taint_after(self, snapshot: tuple[list[Any], dict[int, Any] | None], also: list[int]) -> None:
+        """Mark private whatever a computation on private data wrote into: tensors whose
+        version moved, ``also``, gradients that changed, and every object sharing storage
+        with one of them (views)."""
+        versions, grads = snapshot
+        changed = {i for i, t, v in versions if t._version != v}
+        changed.update(also)
+        if grads is not None:
+            after = self._grads()
+            changed.update(i for i, g in after.items() if grads.get(i) != g)
+        changed -= self.store.private
+        if not changed:
+            return
+        store = self.store
+        with store.lock:
+            keys = {storage_key(store.objects.get(i)) for i in changed} - {0}
+            if keys:
+                changed.update(i for i, o in store.objects.items() if storage_key(o) in keys)
+            store.mark_private(changed - store.readonly)
+
+    def _cmd_checked(self, req: Cmd) -> Any:
+        op = req.op
+        fn = self.resolve_op(op)
+        if fn is None:
+            raise OpNotAllowedError(f"op {op!r} is not allowed on worker {self.id!r}", worker=self.id, op=op)
+        state = self._begin()
+        caller = state.caller
+        self._check_writable(req.result_ids, caller)
+        args = tree_map(self._resolve_checked, req.args)
+        kwargs = tree_map(self._resolve_checked, req.kwargs) if req.kwargs else {}
+        writes = may_write(op, kwargs)
+        if writes:
+            refuse_writes(op, args, kwargs, self.store.readonly_storage, self.id)
+        self.budget.check_op(op, fn, args, kwargs, self.store.nbytes)
+        tainted = state.tainted
+        snapshot = self._snapshot(state.refs, op in BACKWARD_OPS) if tainted else None
+        if req.grad_enabled == torch.is_grad_enabled():
+            result = self.call(fn, args, kwargs, req.result_ids)
+        else:
+            with torch.set_grad_enabled(req.grad_enabled):
+                result = self.call(fn, args, kwargs, req.result_ids)
+        self.store_results(op, result, req.result_ids, caller, tainted)
+        if self.store.shared and not tainted:
+            self._share_results(state.refs, req.result_ids)
+        if snapshot is not None:
+            targets = {id(t) for t in written_args(op, args, kwargs)} if writes else set()
+            also = [i for i, t in state.refs if id(t) in targets]
+            self._taint_after(snapshot, also)
+        return _NO_VALUE
+
+    def _store_checked(self, req: Store) -> Any:
+        caller = self._frame.caller
+        self._check_writable([req.obj_id], caller)
+        self.store.set(req.obj_id, req.obj, req.tags, req.description, owner=caller)
+        return _NO_VALUE
+
+    def _get_checked(self, req: Get) -> Any:
+        caller = self._frame.caller
+        obj_id = req.obj_id
+        store = self.store
+        value = store.get(obj_id)
+        if store.owners.get(obj_id) is not caller and obj_id not in store.shared:
+            raise self._not_yours(obj_id)
+        if req.remove and obj_id in store.readonly:  # (shared never holds served data)
+            raise self._not_yours(obj_id)
+        if type(value) is Failure:
+            raise error_from_wire(value.error)
+        rule = "not-private"
+        extra: dict[str, Any] = {}
+        if obj_id in store.private:
+            dp = self.policy.dp
+            if dp is None or (req.release != "dp" and not dp.always):
+                how = "the output of a plan the operator approved"
+                if dp is not None:
+                    how += ", or a differentially private copy: ptr.get(dp=True)"
+                raise self._deny(
+                    f"object {obj_id} on worker {self.id!r} is private (computed from the data the node "
+                    f"serves); it leaves only through a release rule of this node: {how}",
+                    obj_id,
+                )
+            assert self.accountant is not None
+            eps = self.accountant.charge(caller.principal, worker=self.id)
+            value = dp_noise(value, dp)
+            rule, extra = "dp", {"epsilon": round(eps, 6), "delta": dp.delta}
+        if self.audit.enabled:
+            self.audit.released(caller, obj_id, _nbytes(value), rule, **extra)
+        return self._finish_get(req, value)
+
+    def _delete_checked(self, req: Delete) -> Any:
+        caller = self._frame.caller
+        store = self.store
+        mine, refused = [], []
+        for i in req.ids:
+            if store.owners.get(i) is caller or (i in store.shared and i not in store.readonly):
+                mine.append(i)
+            elif i in store.objects:
+                refused.append(i)
+        store.delete_many(mine)
+        if refused:
+            raise self._deny(
+                f"{len(refused)} object(s) were not deleted: they belong to another session or are "
+                f"data worker {self.id!r} serves (first: {refused[0]})",
+                refused[0],
+            )
+        return _NO_VALUE
+
+    def _search_checked(self, req: Search) -> Any:
+        store = self.store
+        found = store.visible(self._frame.caller, store.search(req.tags))
+        check_listing(len(found), self.id)
+        return [_describe(e) for e in store.entries(found)]
+
+    def _info_checked(self, req: Info) -> Any:
+        caller = self._frame.caller
+        store = self.store
+        what = req.what
+        if what == "count":
+            return len(store.visible(caller))
+        if what == "list":
+            visible = store.visible(caller)
+            check_listing(len(visible), self.id)
+            return [_describe(e) for e in store.entries(visible)]
+        if what == "nbytes":
+            return store.nbytes
+        assert req.obj_id is not None
+        obj_id = req.obj_id
+        if obj_id in store.objects and not self._may_use(obj_id, caller):
+            raise self._not_yours(obj_id)
+        if obj_id in store.private and obj_id not in store.readonly:
+            # A computed private value's shape can depend on the data (nonzero, unique ...).
+            raise self._deny(f"object {obj_id} is private: its shape may depend on the data", obj_id)
+        return _meta(store.get(obj_id))
+
+    def _clear_checked(self, req: Clear) -> Any:
+        self.store.clear(owner=self._frame.caller)
+        return _NO_VALUE
+
+    def _guarded_op(self, name: str) -> Callable[..., Any] | None:
+        """Resolver for plan steps: the op, refusing to write into served data."""
+        fn = self._guarded_ops.get(name)
+        if fn is None:
+            base = self.resolve_op(name)
+            if base is None:
+                return None
+            fn = self._guarded_ops[name] = guarded(base, name, self.store.readonly_storage, self.id)
+        return fn
+
+    def _run_plan_checked(self, req: RunPlan) -> Any:
+        state = self._begin()
+        caller = state.caller
+        store = self.store
+        plan_id = req.plan_id
+        self._check_writable(req.result_ids, caller)
+        if plan_id in store.objects and store.owners.get(plan_id) is not caller and plan_id not in store.shared:
+            raise self._not_yours(plan_id)
+        stored = load_plan(store, plan_id, self.id)
+        code = stored.code
+        check_call(code, req)
+        inputs = flat_tensors(tree_map(self._resolve_checked, req.args))
+        plan_private = plan_id in store.private
+        tainted = state.tainted or plan_private
+        approved = stored.digest in self.policy.approved_plans
+        # An approved plan releases what it computes from served data; a value that is
+        # already private-derived (or a plan whose state is) keeps its privacy.
+        released = approved and not state.derived and not plan_private
+        refs = state.refs
+        snapshot = None
+        if tainted and not released:
+            snapshot = self._snapshot(refs, any(op.name in BACKWARD_OPS for op in code.ops))
+        outputs = execute(
+            code, inputs, stored.state, self._guarded_op, worker=self.id,
+            guard=self.budget.plan_guard(self.store.nbytes),
+        )
+        private = tainted and not released
+        for rid, value in zip(req.result_ids, outputs):
+            store.set(rid, value, owner=caller, private=private)
+        if store.shared and not private:
+            self._share_results(refs, req.result_ids)
+        if snapshot is not None:
+            # The plan may have written into any argument (.data =, .grad =): all are private now.
+            self._taint_after(snapshot, [i for i, _ in refs])
+            store.mark_private([plan_id])
+        self.audit.record(
+            "run_plan", caller, plan=stored.digest, name=code.name, approved=approved,
+            private_inputs=tainted, outputs_private=private,
+        )
+        return _NO_VALUE
+
+    def _store_plan_checked(self, req: StorePlan) -> Any:
+        caller = self._frame.caller
+        self._check_writable([req.plan_id], caller)
+        code, plan_state = PlanCode.from_wire(req.plan, worker=self.id)
+        digest = plan_digest(code, plan_state)
+        approved = digest in self.policy.approved_plans
+        log.log(
+            logging.INFO if approved else logging.WARNING,
+            "node %s: plan %r from %s/%s, sha256 %s (%s):\n%s",
+            self.id, code.name, caller.principal, caller.session[:8], digest,
+            "approved" if approved else "not approved: its outputs stay private",
+            code.pretty(),
+        )
+        # The plan's code is the coordinator's program, not the node's data: the operator
+        # reviews it from here (``fedws plan show``).
+        self.audit.record(
+            "store_plan", caller, plan=digest, name=code.name, ops=len(code.ops), approved=approved,
+            code=code.pretty(),
+        )
+        self.store.set(req.plan_id, StoredPlan(code, plan_state, digest), owner=caller)
+        return _NO_VALUE
+
     # -- fedws ops ----------------------------------------------------------------------
 
     def _remote_get(self, obj_id: int) -> None:
         """Replace the pointer stored under ``obj_id`` by the data it points to."""
-        ptr = self._resolve_ref(ObjRef(obj_id))  # a stored Failure raises, chained
+        enforce = self.enforce
+        # A stored Failure raises, chained; under a policy, only the owner's pointer.
+        ptr = (self._resolve_checked if enforce else self._resolve_ref)(ObjRef(obj_id))
         get = getattr(ptr, "get", None)
         if get is None or not hasattr(ptr, "id_at_location"):
             raise PointerError(
                 f"remote_get: object {obj_id} on worker {self.id!r} is not a pointer"
             )
         value = get()
-        self.store.set(obj_id, value)
+        self.store.set(obj_id, value, owner=self._frame.caller if enforce else None)
+
+    def _share(self, obj_id: int) -> None:
+        """Let any holder of ``obj_id`` use it (the owner sends a pointer to it elsewhere).
+
+        The other node follows the pointer over its own link, in its own session; the
+        object's id, a random 63-bit number, is then the capability. Private values are
+        never shared: they do not leave, not even as a pointer held elsewhere.
+        """
+        if not self.enforce:
+            return
+        caller = self._frame.caller
+        store = self.store
+        if store.owners.get(obj_id) is not caller and obj_id not in store.shared:
+            if obj_id in store.objects:
+                raise self._not_yours(obj_id)
+            store.get(obj_id)  # raises ObjectNotFoundError
+        if obj_id in store.private:
+            raise self._deny(
+                f"object {obj_id} on worker {self.id!r} is private: it cannot be sent to another worker",
+                obj_id,
+            )
+        store.shared.add(obj_id)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.numel() * value.element_size())
+    return 0
 
 
 def _describe(entry: Entry) -> list[Any]:

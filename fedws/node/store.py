@@ -17,6 +17,12 @@ event-loop thread, all against one store. So the store has one re-entrant lock t
   the caller then works on it without the lock. An id in a snapshot may be gone a moment
   later: whoever then asks for it gets :class:`~fedws.exceptions.ObjectNotFoundError`, or
   skips it (``entries`` skips ids deleted meanwhile).
+* Policy (see :mod:`fedws.node.policy`): in a node that enforces one, each object also has
+  an owner (``owners``: id -> :class:`~fedws.node.policy.Caller`, compared by identity),
+  and the sets ``private`` (ids of private values), ``readonly`` (ids of data the node
+  serves; their storages in ``readonly_storage``) and ``shared`` (ids whose owner let any
+  holder of the id use them). They change together with the object, under the lock. An
+  open node leaves them empty and pays nothing for them.
 * ``objects``, ``tags`` and ``descriptions`` stay plain dicts for single-threaded
   inspection (``worker._objects`` in the seed tutorials). Code that may run beside another
   thread must not iterate or write them directly: use the methods, and
@@ -31,6 +37,7 @@ from typing import Any, NamedTuple
 
 from ..exceptions import ObjectNotFoundError, StoreFullError
 from .limits import own
+from .policy import Caller, storage_key
 
 __all__ = ["ObjectStore", "Failure", "Entry"]
 
@@ -80,6 +87,11 @@ class ObjectStore:
         self._sizes: dict[int, int] = {}
         self.nbytes = 0
         self.lock = threading.RLock()
+        self.owners: dict[int, Caller] = {}
+        self.private: set[int] = set()
+        self.readonly: set[int] = set()
+        self.readonly_storage: set[int] = set()
+        self.shared: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.objects)  # one C-level read: atomic
@@ -95,8 +107,13 @@ class ObjectStore:
         obj: Any,
         tags: Iterable[str] = (),
         description: str | None = None,
+        *,
+        owner: Caller | None = None,
+        private: bool = False,
     ) -> None:
         """Store ``obj`` under ``obj_id``, replacing what was there with its tags.
+
+        ``owner`` and ``private`` are the policy's record of it (None/False in an open node).
 
         Raises:
             StoreFullError: the object would take the store over ``max_bytes``; nothing
@@ -115,13 +132,27 @@ class ObjectStore:
                     worker=self.worker_id,
                     obj_id=obj_id,
                 )
-            self._put(obj_id, obj, size, old, tag_set, description)
+            self._put(obj_id, obj, size, old, tag_set, description, owner, private)
 
     def _put(
-        self, obj_id: int, obj: Any, size: int, old: int, tags: frozenset[str], description: str | None
+        self,
+        obj_id: int,
+        obj: Any,
+        size: int,
+        old: int,
+        tags: frozenset[str],
+        description: str | None,
+        owner: Caller | None = None,
+        private: bool = False,
     ) -> None:
         """Write one entry; the caller holds the lock and has checked the cap."""
         self.objects[obj_id] = obj
+        if owner is not None:
+            self.owners[obj_id] = owner
+        if private:
+            self.private.add(obj_id)
+        elif self.private:
+            self.private.discard(obj_id)
         if size:
             self._sizes[obj_id] = size
         elif old:
@@ -136,15 +167,18 @@ class ObjectStore:
         elif self.descriptions:
             self.descriptions.pop(obj_id, None)
 
-    def record_failure(self, obj_ids: Iterable[int], error: dict[str, Any]) -> None:
+    def record_failure(self, obj_ids: Iterable[int], error: dict[str, Any], owner: Caller | None = None) -> None:
         """Hold a :class:`Failure` carrying ``error`` (a wire error) under each of ``obj_ids``.
 
         What was there is replaced (its bytes are freed); the cap never refuses a failure.
+        With ``owner`` (a node enforcing a policy), ids held by anyone else are left alone.
         """
         failure = Failure(error)
         with self.lock:
             for obj_id in obj_ids:
-                self._put(obj_id, failure, 0, self._sizes.get(obj_id, 0), _NO_TAGS, None)
+                if owner is not None and obj_id in self.objects and self.owners.get(obj_id) is not owner:
+                    continue
+                self._put(obj_id, failure, 0, self._sizes.get(obj_id, 0), _NO_TAGS, None, owner)
 
     def pop(self, obj_id: int) -> Any:
         """Remove ``obj_id`` and return its object.
@@ -164,6 +198,10 @@ class ObjectStore:
                 self.tags.pop(obj_id, None)
                 self.descriptions.pop(obj_id, None)
                 self.nbytes -= self._sizes.pop(obj_id, 0)
+                if self.owners:
+                    self.owners.pop(obj_id, None)
+                    self.private.discard(obj_id)
+                    self.shared.discard(obj_id)
 
     def delete_many(self, obj_ids: Iterable[int]) -> None:
         """Forget each of ``obj_ids`` (missing ones are ignored), under one lock."""
@@ -171,9 +209,17 @@ class ObjectStore:
             for obj_id in obj_ids:
                 self.delete(obj_id)
 
-    def clear(self) -> None:
-        """Forget every object."""
+    def clear(self, owner: Caller | None = None) -> None:
+        """Forget every object (with ``owner``: every object ``owner`` owns)."""
         with self.lock:
+            if owner is not None:
+                self.delete_many([i for i, o in self.owners.items() if o is owner])
+                return
+            self.owners.clear()
+            self.private.clear()
+            self.readonly.clear()
+            self.readonly_storage.clear()
+            self.shared.clear()
             self.objects.clear()
             self.tags.clear()
             self.descriptions.clear()
@@ -191,6 +237,29 @@ class ObjectStore:
             self.clear()
             for k, v in new.items():
                 self.set(k, v)
+
+    def serve(self, obj_id: int, obj: Any, tags: Iterable[str] = (), description: str | None = None) -> None:
+        """Hold data the node serves: owned by the node, private and read-only."""
+        from .policy import NODE
+
+        with self.lock:
+            self.set(obj_id, obj, tags, description, owner=NODE, private=True)
+            self.readonly.add(obj_id)
+            key = storage_key(obj)
+            if key:
+                self.readonly_storage.add(key)
+
+    def mark_private(self, obj_ids: Iterable[int]) -> None:
+        """Flag ``obj_ids`` (those still held) as private."""
+        with self.lock:
+            self.private.update(i for i in obj_ids if i in self.objects)
+
+    def visible(self, owner: Caller, obj_ids: Iterable[int] | None = None) -> list[int]:
+        """Snapshot of the ids ``owner`` may see: its own objects and the data the node serves."""
+        with self.lock:
+            ids = list(self.objects) if obj_ids is None else obj_ids
+            owners, readonly = self.owners, self.readonly
+            return [i for i in ids if owners.get(i) is owner or i in readonly]
 
     # -- reads ----------------------------------------------------------------------------
 

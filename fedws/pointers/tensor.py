@@ -146,14 +146,20 @@ class PointerTensor(RemoteResult, torch.Tensor):
         if self.gotten:
             raise PointerError(f"{self!r} was already retrieved with get(); its remote object is gone")
 
-    def get(self, *, timeout: float | None = None) -> Any:
+    def get(self, *, timeout: float | None = None, dp: bool = False) -> Any:
         """Bring the value back and delete it from the worker.
+
+        ``dp=True`` asks a private node for a differentially private copy of a private
+        value (clipped and noised by the node, charged to your privacy budget there).
 
         Raises:
             RemoteError: the command that made this object failed on the node.
+            PermissionDeniedError: the node's policy does not let the value leave.
+            PrivacyBudgetExceededError: a DP release would exceed your budget on the node.
         """
         self.check_live()
-        value = self.location.request(Kind.GET, self.id_at_location, True, timeout=timeout)
+        fields = (self.id_at_location, True, "dp") if dp else (self.id_at_location, True)
+        value = self.location.request(Kind.GET, *fields, timeout=timeout)
         self.finish_get(value)
         return value
 
@@ -188,6 +194,9 @@ class PointerTensor(RemoteResult, torch.Tensor):
             raise PointerError("a pointer can be sent to exactly one worker")
         (worker,) = workers
         self.check_live()
+        if worker is not self.location:
+            # A private node lets another node reach our object only once we shared it.
+            self.seq, _ = self.location.submit(Kind.CMD, "fedws.share", [self.id_at_location], {}, [])
         if worker is not self.location and self.seq > self.location.session.acked:
             # `worker` will reach our location over its own link, which can overtake the
             # commands still queued on ours: let the data exist before anyone follows us.

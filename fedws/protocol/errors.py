@@ -24,7 +24,9 @@ from ..exceptions import (
     MemoryBudgetError,
     ObjectNotFoundError,
     OpNotAllowedError,
+    PermissionDeniedError,
     PlanError,
+    PrivacyBudgetExceededError,
     RemoteError,
     StoreFullError,
 )
@@ -42,6 +44,8 @@ _REMOTE_CLASSES: dict[str, type[RemoteError]] = {
         MemoryBudgetError,
         LimitExceededError,
         PlanError,
+        PermissionDeniedError,
+        PrivacyBudgetExceededError,
     )
 }
 # Node-side protocol errors reach the client as remote errors of the same name.

@@ -53,6 +53,7 @@ __all__ = [
     "INFO_WHATS",
     "MAX_RESULT_IDS",
     "MAX_DELETE_IDS",
+    "RELEASE_MODES",
     "split_request",
     "parse_request",
 ]
@@ -63,7 +64,7 @@ class Kind(IntEnum):
 
     CMD = 1  # op, args, kwargs, result_ids[, grad_enabled] — run an allowlisted op, store results
     STORE = 2  # id, obj, tags, description — store a value
-    GET = 3  # id, remove — return a value (and remove it)
+    GET = 3  # id, remove[, release] — return a value (and remove it); release "dp": a DP copy
     DELETE = 4  # ids — forget objects; missing ids are ignored
     SEARCH = 5  # tags — ids and metadata of objects carrying all the tags
     INFO = 6  # what — "count" | "list" | "nbytes" | "meta" (+ id)
@@ -82,6 +83,9 @@ FRAME_ERROR_SEQ = -1
 # have a few (``unbind`` of a batch: its length). Clients split larger deletes.
 MAX_RESULT_IDS = 4096
 MAX_DELETE_IDS = 4096
+
+# Release modes a GET may ask for.
+RELEASE_MODES = frozenset({"dp"})
 
 # What an INFO request may ask.
 INFO_WHATS = frozenset({"count", "list", "nbytes", "meta"})
@@ -266,20 +270,28 @@ class Store(Request):
 
 @dataclass(frozen=True, slots=True)
 class Get(Request):
-    """Return the value under ``obj_id``; ``remove`` deletes it once the reply is built."""
+    """Return the value under ``obj_id``; ``remove`` deletes it once the reply is built.
+
+    ``release`` asks for a release mode (one of :data:`RELEASE_MODES`; ``"dp"``: a
+    differentially private copy of a private value); it travels only when given.
+    """
 
     KIND: ClassVar[Kind] = Kind.GET
     obj_id: int
     remove: bool
+    release: str | None = None
 
     @classmethod
     def parse(cls, fields: Sequence[Any]) -> Get:
         k = cls.KIND
-        _count(k, fields, 2)
-        return cls(_id(k, "obj_id", fields[0]), _bool(k, "remove", fields[1]))
+        _count(k, fields, 2, 3)
+        release = fields[2] if len(fields) == 3 else None
+        if release is not None and release not in RELEASE_MODES:
+            raise _bad(k, f"release must be one of {sorted(RELEASE_MODES)}", release)
+        return cls(_id(k, "obj_id", fields[0]), _bool(k, "remove", fields[1]), release)
 
     def fields(self) -> list[Any]:
-        return [self.obj_id, self.remove]
+        return [self.obj_id, self.remove] if self.release is None else [self.obj_id, self.remove, self.release]
 
     @classmethod
     def blame(cls, fields: Sequence[Any]) -> Blame:

@@ -10,13 +10,14 @@ its arguments is a literal. The wire form is a plain msgpack-able dict, and
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..exceptions import DecodeError, OpNotAllowedError
-from .codec import DTYPE_NAMES, DTYPES, ObjRef
+from .codec import DTYPE_NAMES, DTYPES, ObjRef, encode
 from .ops import FEDWS_OPS, OPS
 from .tree import tree_leaves
 
@@ -76,6 +77,17 @@ class PlanCode:
             "single": self.single,
             "out_specs": [[list(s), DTYPE_NAMES[d], rg] for s, d, rg in self.out_specs],
         }
+
+    def digest(self, state: list[torch.Tensor]) -> str:
+        """Hex sha256 of the plan with ``state``: what a node operator approves.
+
+        Taken over the msgpack encoding of :meth:`to_wire` (code and state tensors), the
+        same bytes a coordinator sends, so both sides compute the same digest.
+        """
+        h = hashlib.sha256()
+        for chunk in encode(self.to_wire(list(state))):
+            h.update(chunk)
+        return h.hexdigest()
 
     @classmethod
     def from_wire(cls, d: Any, *, worker: str | None = None) -> tuple[PlanCode, list[torch.Tensor]]:

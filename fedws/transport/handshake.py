@@ -1,18 +1,29 @@
-"""The WebSocket handshake both sides agree on: who the node is, and the bearer token.
+"""The WebSocket handshake both sides agree on: who the node is, who the caller is.
 
-Client and server each import this module and not each other.
+Client and server each import this module and not each other. A client presents a bearer
+token (``Authorization``) and a session key (``X-Fedws-Session``: random, kept across the
+reconnects of one handle, so the node gives it back its objects). A node maps the token to
+the principal it names (:class:`Credentials`, hashed at rest, compared in constant time).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
+from collections.abc import Iterable
 
 __all__ = [
     "NODE_ID_HEADER",
+    "SESSION_HEADER",
+    "DEFAULT_PRINCIPAL",
     "auth_headers",
     "token_matches",
+    "token_digest",
+    "new_session_key",
+    "session_key",
+    "Credentials",
     "PEER_HEADER",
     "CHALLENGE_HEADER",
     "PROOF_HEADER",
@@ -24,10 +35,23 @@ __all__ = [
 NODE_ID_HEADER = "X-Fedws-Node"
 """Response header in which a node names itself; a server without it is not a fedws node."""
 
+SESSION_HEADER = "X-Fedws-Session"
+"""Request header carrying the client's session key (32 hex digits)."""
 
-def auth_headers(token: str | None) -> dict[str, str] | None:
-    """The request headers that present ``token`` (None: no token, no header)."""
-    return {"Authorization": f"Bearer {token}"} if token else None
+DEFAULT_PRINCIPAL = "default"
+"""The principal of the single ``--token`` / ``FEDWS_TOKEN`` (and of a node without tokens)."""
+
+_SESSION_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def auth_headers(token: str | None, session: str | None = None) -> dict[str, str] | None:
+    """The request headers that present ``token`` and ``session`` (None: neither)."""
+    headers = {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if session:
+        headers[SESSION_HEADER] = session
+    return headers or None
 
 
 def token_matches(authorization: str | None, token: str | None) -> bool:
@@ -38,6 +62,70 @@ def token_matches(authorization: str | None, token: str | None) -> bool:
     if token is None:
         return True
     return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+
+
+def token_digest(token: str) -> str:
+    """The hex sha256 of a token: what a node config keeps instead of the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_session_key() -> str:
+    """A fresh random session key (128 bits)."""
+    return secrets.token_hex(16)
+
+
+def session_key(header: str | None) -> str | None:
+    """The session key a client presented, if well formed."""
+    if header is not None and _SESSION_KEY.fullmatch(header):
+        return header
+    return None
+
+
+class Credentials:
+    """The tokens a node accepts, each naming a principal; kept as sha256 digests.
+
+    ``principal_for`` hashes the presented token once and compares it with every digest
+    in constant time (all of them, whatever matched), so neither the token nor which
+    principal it belongs to shows in the timing.
+
+    Args:
+        digests: ``(principal, hex sha256 of the token)`` pairs.
+        open: accept a connection without a token, as principal ``"default"`` (a node
+            with no token configured).
+    """
+
+    def __init__(self, digests: Iterable[tuple[str, str]] = (), *, open: bool = False) -> None:
+        self._digests = [(p, bytes.fromhex(d)) for p, d in digests]
+        for p, d in self._digests:
+            if len(d) != 32:
+                raise ValueError(f"token of principal {p!r}: sha256 must be 64 hex digits")
+        self.open = open and not self._digests
+
+    @classmethod
+    def single(cls, token: str | None) -> Credentials:
+        """One token (principal ``"default"``); None: no token, every client accepted."""
+        if token is None:
+            return cls(open=True)
+        return cls([(DEFAULT_PRINCIPAL, token_digest(token))])
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def principals(self) -> list[str]:
+        return sorted({p for p, _ in self._digests})
+
+    def principal_for(self, authorization: str | None) -> str | None:
+        """The principal whose token ``authorization`` (``Bearer <token>``) presents, or None."""
+        if self.open:
+            return DEFAULT_PRINCIPAL
+        text = authorization or ""
+        token = text[7:] if text.startswith("Bearer ") else ""
+        presented = hashlib.sha256(token.encode()).digest()
+        found: str | None = None
+        for principal, digest in self._digests:
+            if hmac.compare_digest(presented, digest) and token and found is None:
+                found = principal
+        return found
 
 
 # -- node-to-node: the node answering proves it is the peer the caller listed ------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -29,7 +30,17 @@ from websockets.http11 import Request, Response
 
 from .frames import fragments, receive
 from .guard import FailureLimiter, PendingHandshakes
-from .handshake import CHALLENGE_HEADER, NODE_ID_HEADER, PEER_HEADER, PROOF_HEADER, peer_proof, token_matches
+from .handshake import (
+    CHALLENGE_HEADER,
+    NODE_ID_HEADER,
+    PEER_HEADER,
+    PROOF_HEADER,
+    SESSION_HEADER,
+    Credentials,
+    new_session_key,
+    peer_proof,
+    session_key,
+)
 from .link import FrameHandler
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
@@ -61,6 +72,10 @@ class FrameServer:
             address for 30 s).
         peer_secrets: peer node id -> the secret this node proves itself with when that
             peer links to it (see :func:`fedws.transport.handshake.peer_proof`).
+        credentials: the tokens accepted, each naming a principal (overrides ``token``).
+        open_session: ``(principal, session key, address) -> (handle, handle_inline)``,
+            called once per connection after the handshake: the handlers of that
+            connection (None: ``handle``/``handle_inline`` for every connection).
     """
 
     def __init__(
@@ -80,6 +95,8 @@ class FrameServer:
         max_pending_handshakes: int = 64,
         auth_limiter: FailureLimiter | None = None,
         peer_secrets: dict[str, bytes] | None = None,
+        credentials: Credentials | None = None,
+        open_session: Callable[[str, str, str | None], tuple[FrameHandler, FrameHandler | None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.handle = handle
@@ -93,6 +110,9 @@ class FrameServer:
         self.pending_handshakes = PendingHandshakes(max_pending_handshakes)
         self.auth_limiter = auth_limiter if auth_limiter is not None else FailureLimiter()
         self.peer_secrets = dict(peer_secrets or {})
+        self.credentials = credentials if credentials is not None else Credentials.single(token)
+        self.open_session = open_session
+        self._principals: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         self.url: str | None = None
 
@@ -152,7 +172,9 @@ class FrameServer:
         return GuardedConnection
 
     def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
-        if token_matches(request.headers.get("Authorization"), self.token):
+        principal = self.credentials.principal_for(request.headers.get("Authorization"))
+        if principal is not None:
+            self._principals[connection] = principal
             return None
         return connection.respond(HTTPStatus.UNAUTHORIZED, "fedws: invalid or missing token\n")
 
@@ -172,10 +194,21 @@ class FrameServer:
 
     async def _connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
+        handle, inline = self.handle, self.handle_inline
+        if self.open_session is not None:
+            principal = self._principals.pop(ws, None)
+            if principal is None:  # cannot happen: the handshake stored it
+                await ws.close(1008, "fedws: not authenticated")
+                return
+            request = ws.request
+            key = session_key(request.headers.get(SESSION_HEADER) if request is not None else None)
+            peer = ws.remote_address
+            address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+            handle, inline = self.open_session(principal, key or new_session_key(), address)
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{self.node_id}")
         replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
         writer = asyncio.create_task(self._write_replies(ws, replies))
-        inline, may_inline = self.handle_inline, self.answer_inline
+        may_inline = self.answer_inline
         in_thread = 0  # frames of this connection handed to its thread and not done
 
         def done(_: Any) -> None:
@@ -201,7 +234,7 @@ class FrameServer:
                     await replies.put(answered)
                     continue
                 in_thread += 1
-                job = loop.run_in_executor(executor, self.handle, message)
+                job = loop.run_in_executor(executor, handle, message)
                 job.add_done_callback(done)
                 await replies.put(job)
         except ConnectionClosed:

@@ -42,6 +42,7 @@ from .handshake import (
     PROOF_HEADER,
     auth_headers,
     new_challenge,
+    new_session_key,
     proof_matches,
 )
 from .io_thread import IOThread, in_io_thread, wait
@@ -106,6 +107,7 @@ class WebsocketLink:
         self.expected_id = expected_id
         self.node_id: str | None = None
         self.token = token
+        self.session_key = new_session_key()  # the node keeps our objects under it across reconnects
         self.connect_timeout = connect_timeout
         self._ssl = ssl
         self._max_size = int(max_frame_mb * 2**20)
@@ -142,7 +144,7 @@ class WebsocketLink:
                 or handshake failure.
         """
         tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {}  # wss:// defaults to system CAs
-        headers = auth_headers(self.token) or {}
+        headers = auth_headers(self.token, self.session_key) or {}
         challenge = None
         if self._peer_name is not None:
             headers[PEER_HEADER] = self._peer_name

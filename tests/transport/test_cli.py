@@ -49,7 +49,9 @@ def _write_config(tmp_path: Path) -> Path:
 
 
 def test_node_serves_the_data_of_its_config(tmp_path: Path, hook: sy.TorchHook) -> None:
-    node = start_node(_write_config(tmp_path))
+    # The open development mode: served data can be read (the private default refuses it,
+    # see tests/e2e/test_security_policy.py).
+    node = start_node(_write_config(tmp_path), extra_args=["--insecure-dev"])
     try:
         assert node.id == "carol" and node.url.startswith("ws://127.0.0.1:")
         with sy.connect(node.url, hook=hook) as carol:
