@@ -46,8 +46,12 @@ def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def write_config(tmp_path: Path, node_id: str, *, seed: int = 0, data: bool = True, extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, node_id: str, *, seed: int = 0, data: bool = True, extra: str = "", open_peers: bool = False
+) -> Path:
     lines = [f'id = "{node_id}"', "port = 0", f'audit_log = "{node_id}-audit.jsonl"']
+    if open_peers:  # links to any node (a development setting): what these tests probe is privacy
+        lines.append("open_peers = true")
     if data:
         x, y = blobs(60, seed)
         save_file({"x": x, "y": y}, str(tmp_path / f"{node_id}.safetensors"))
@@ -136,8 +140,10 @@ def test_tokens_name_principals_hashed_at_rest(tmp_path: Path) -> None:
 
 
 def test_private_data_cannot_leave_by_any_op_or_chain(tmp_path: Path) -> None:
-    alice = node(write_config(tmp_path, "alice"))
-    bob = node(id="bob", port=0)
+    # No token on these two: their open peer links present none (listed peers are
+    # tests/e2e/test_network_attacks.py's subject); privacy is what this test probes.
+    bob = start_node(write_config(tmp_path, "bob", data=False, open_peers=True), extra_args=["--threads", "1"])
+    alice = start_node(write_config(tmp_path, "alice", open_peers=True), extra_args=["--threads", "1"])
     try:
         with connect(alice) as a, connect(bob) as b:
             a.add_worker(b)
@@ -196,7 +202,8 @@ def test_fedavg_and_trusted_aggregator_run_on_private_nodes_with_the_plan_approv
     digest = training_plan_digest(make_model(), cfg, x_like=((FEATURES,), torch.float32), y_like=((), torch.int64))
     release = f'[release]\napproved_plans = ["{digest}"]\n'
     nodes = [node(write_config(tmp_path, name, seed=i, extra=release)) for i, name in enumerate(["alice", "bob"])]
-    secure = node(write_config(tmp_path, "secure", data=False))
+    peers = "".join(f'[[peers]]\nid = "{name}"\nurl = "{n.url}"\ntoken = "{TOKEN}"\n' for name, n in zip(["alice", "bob"], nodes))
+    secure = node(write_config(tmp_path, "secure", data=False, extra=peers))  # it pulls the updates from its listed peers
     try:
         workers = [connect(n) for n in nodes]
         aggregator = connect(secure)
