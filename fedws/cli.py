@@ -69,6 +69,13 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "what it computes from private data, and what it updates in place, may leave the node",
     )
     p.add_argument("--audit-log", help="write the audit log (JSON lines, rotated) to this file")
+    p.add_argument(
+        "--session-grace",
+        type=float,
+        metavar="SECONDS",
+        help="free a session's objects this long after its last connection closed, unless it "
+        "reconnects first or made them durable (ptr.persist()); default 300",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -140,6 +147,10 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cfg.open_peers = True
     if args.audit_log:
         cfg.audit_log = args.audit_log
+    if args.session_grace is not None:
+        if not 0 <= args.session_grace < float("inf"):
+            raise SystemExit("fedws worker: --session-grace takes a number of seconds >= 0")
+        cfg.session_grace_s = args.session_grace
     for digest in args.approve_plan:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
             raise SystemExit(f"fedws worker: --approve-plan takes a 64-hex-digit sha256 digest, got {digest!r}")

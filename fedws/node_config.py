@@ -32,6 +32,8 @@ The security sections (see the README's "Security model")::
 
     policy = "private"              # default; "open" is the development mode (no checks)
     audit_log = "run/alice-audit.jsonl"
+    session_grace_s = 300           # a session's objects are freed this long after it ended,
+                                    # unless it reconnects first or the owner made them durable
     [[tokens]]                      # each credential names a principal; hashed at rest
     principal = "lab-a"
     sha256 = "<hex sha256 of the token>"     # printf %s "$TOKEN" | sha256sum
@@ -182,6 +184,7 @@ class NodeConfig:
     approved_plans: list[str] = field(default_factory=list)
     dp: DPRule | None = None
     audit_log: str | None = None
+    session_grace_s: float = 300.0
 
     @property
     def url(self) -> str:
@@ -192,7 +195,7 @@ class NodeConfig:
 _KEYS = {
     "id", "host", "port", "token", "certfile", "keyfile", "max_frame_mb", "max_store_mb",
     "max_memory_mb", "threads", "data", "peers", "peer_timeout", "open_peers", "policy", "tokens", "release",
-    "audit_log",
+    "audit_log", "session_grace_s",
 }
 _DP_KEYS = {"max_norm", "noise_multiplier", "epsilon", "delta", "always"}
 
@@ -277,6 +280,9 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ValueError(f"node config {path}: a peer id is listed twice")
     tokens = _tokens(path, raw.pop("tokens", []))
     plans, dp = _release(path, raw.pop("release", {}))
+    grace = raw.get("session_grace_s", 300.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < float("inf"):
+        raise ValueError(f"node config {path}: session_grace_s must be a number of seconds >= 0")
     if raw.get("policy", "private") not in MODES:
         raise ValueError(f"node config {path}: policy must be one of {list(MODES)}")
     audit = raw.pop("audit_log", None)

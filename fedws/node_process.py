@@ -21,7 +21,7 @@ from .client.websocket_worker import WebsocketClientWorker
 from .exceptions import OpNotAllowedError
 from .hook import TorchHook
 from .node.audit import open_audit_log
-from .node.policy import Policy
+from .node.policy import Caller, Policy
 from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
 from .protocol.codec import peek_kinds
 from .protocol.ids import new_id
@@ -80,6 +80,11 @@ class NodeServer:
                 "connect to any address", config.id,
             )
         self._stopped = asyncio.Event()
+        self.session_grace = config.session_grace_s
+        # Sessions: open connections per (principal, session key), and the timers of the
+        # sessions whose last connection closed (a reconnect within the grace cancels it).
+        self._connections: dict[tuple[str, str], int] = {}
+        self._ending: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.server = FrameServer(
             config.id,
             self._handle,
@@ -94,6 +99,7 @@ class NodeServer:
             peer_secrets={p.id: secret for p in config.peers if (secret := p.secret()) is not None},
             credentials=self.credentials(config),
             open_session=self._open_session,
+            close_session=self._close_session,
         )
         for entry in config.data:
             tensor = load_tensor(entry)
@@ -112,6 +118,11 @@ class NodeServer:
     ) -> tuple[FrameHandler, FrameHandler | None]:
         """The frame handlers of one connection: every frame runs as its caller."""
         node = self.worker.node
+        key = (principal, session)
+        ending = self._ending.pop(key, None)
+        if ending is not None:  # a reconnect within the grace period: the session goes on
+            ending.cancel()
+        self._connections[key] = self._connections.get(key, 0) + 1
         caller = node.caller(principal, session, address)
         node.audit.connected(caller)
         handle_frame = self.worker.handle_frame
@@ -126,6 +137,29 @@ class NodeServer:
             return handle_frame(frame, caller)
 
         return handle, handle_inline
+
+    def _close_session(self, principal: str, session: str) -> None:
+        """One connection of a session ended; the last one starts the grace period.
+
+        Runs on the event loop (as :meth:`_open_session` does), so the count, the timers and
+        the end of a session never race a reconnect.
+        """
+        key = (principal, session)
+        left = self._connections.get(key, 0) - 1
+        if left > 0:
+            self._connections[key] = left
+            return
+        self._connections.pop(key, None)
+        caller = self.worker.node.caller(principal, session)
+        loop = asyncio.get_running_loop()
+        self._ending[key] = loop.call_later(self.session_grace, self._end_session, key, caller)
+
+    def _end_session(self, key: tuple[str, str], caller: Caller) -> None:
+        """The grace period is over and nobody reconnected: free the session's objects."""
+        self._ending.pop(key, None)
+        if key in self._connections:  # reconnected (the reconnect also cancels the timer)
+            return
+        self.worker.node.end_session(caller)
 
     @property
     def url(self) -> str | None:

@@ -160,6 +160,7 @@ class Node:
             **TENSOR_FEDWS_OPS,
             "fedws.remote_get": self._remote_get,
             "fedws.share": self._share,
+            "fedws.persist": self._persist,
         }
         self.policy = policy or Policy()
 
@@ -188,6 +189,34 @@ class Node:
             with self._callers_lock:
                 found = self._callers.setdefault(key, Caller(principal, session, address))
         return found
+
+    def end_session(self, caller: Caller) -> tuple[int, int]:
+        """Free what ``caller``'s session left: every object it owns but made durable.
+
+        Called by the runtime once a session ended (its last connection closed, and no
+        reconnect within the grace period). Served data (owned by the node) and other
+        sessions' objects are never touched. Under the open policy objects have no owner:
+        nothing is freed. A caller left with no object is forgotten; one that keeps durable
+        objects stays, so a later connection with the same session reaches them.
+
+        Returns:
+            (objects freed, bytes freed).
+        """
+        freed, nbytes = self.store.free_session(caller)
+        kept = self.store.owns_any(caller)  # what is left is durable
+        if not kept:
+            with self._callers_lock:
+                key = (caller.principal, caller.session)
+                if self._callers.get(key) is caller:
+                    del self._callers[key]
+        if freed:
+            log.info(
+                "node %s: session %s/%s ended: freed %d object(s), %d bytes%s",
+                self.id, caller.principal, caller.session[:8], freed, nbytes,
+                "; kept its durable objects" if kept else "",
+            )
+        self.audit.record("session_end", caller, freed=freed, bytes=nbytes, kept_durable=kept)
+        return freed, nbytes
 
     def serve(self, obj_id: int, obj: Any, tags: Any = (), description: str | None = None) -> None:
         """Hold ``obj`` as data this node serves: private and read-only under a private policy."""
@@ -768,6 +797,22 @@ class Node:
                 obj_id,
             )
         store.shared.add(obj_id)
+
+    def _persist(self, obj_id: int) -> None:
+        """Keep ``obj_id`` past the end of its owner's session (see :meth:`end_session`).
+
+        Only the owner may; the object stays the owner's (a durable object is still freed by
+        ``delete``, ``get`` or ``clear_objects``). Open policy: a no-op (nothing is freed).
+        """
+        if not self.enforce:
+            return
+        store = self.store
+        with store.lock:
+            if store.owners.get(obj_id) is not self._frame.caller:
+                if obj_id in store.objects:
+                    raise self._not_yours(obj_id)
+                store.get(obj_id)  # raises ObjectNotFoundError
+            store.durable.add(obj_id)
 
 
 def _nbytes(value: Any) -> int:

@@ -20,8 +20,9 @@ event-loop thread, all against one store. So the store has one re-entrant lock t
 * Policy (see :mod:`fedws.node.policy`): in a node that enforces one, each object also has
   an owner (``owners``: id -> :class:`~fedws.node.policy.Caller`, compared by identity),
   and the sets ``private`` (ids of private values), ``readonly`` (ids of data the node
-  serves; their storages in ``readonly_storage``) and ``shared`` (ids whose owner let any
-  holder of the id use them). They change together with the object, under the lock. An
+  serves; their storages in ``readonly_storage``), ``shared`` (ids whose owner let any
+  holder of the id use them) and ``durable`` (ids whose owner keeps them past the end of
+  its session; see :meth:`free_session`). They change together with the object, under the lock. An
   open node leaves them empty and pays nothing for them.
 * ``objects``, ``tags`` and ``descriptions`` stay plain dicts for single-threaded
   inspection (``worker._objects`` in the seed tutorials). Code that may run beside another
@@ -92,6 +93,7 @@ class ObjectStore:
         self.readonly: set[int] = set()
         self.readonly_storage: set[int] = set()
         self.shared: set[int] = set()
+        self.durable: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.objects)  # one C-level read: atomic
@@ -202,6 +204,7 @@ class ObjectStore:
                     self.owners.pop(obj_id, None)
                     self.private.discard(obj_id)
                     self.shared.discard(obj_id)
+                    self.durable.discard(obj_id)
 
     def delete_many(self, obj_ids: Iterable[int]) -> None:
         """Forget each of ``obj_ids`` (missing ones are ignored), under one lock."""
@@ -220,6 +223,7 @@ class ObjectStore:
             self.readonly.clear()
             self.readonly_storage.clear()
             self.shared.clear()
+            self.durable.clear()
             self.objects.clear()
             self.tags.clear()
             self.descriptions.clear()
@@ -253,6 +257,24 @@ class ObjectStore:
         """Flag ``obj_ids`` (those still held) as private."""
         with self.lock:
             self.private.update(i for i in obj_ids if i in self.objects)
+
+    def free_session(self, owner: Caller) -> tuple[int, int]:
+        """Forget every object ``owner`` owns except the durable ones, as one step.
+
+        Returns:
+            (objects freed, bytes freed).
+        """
+        with self.lock:
+            durable = self.durable
+            ids = [i for i, o in self.owners.items() if o is owner and i not in durable]
+            before = self.nbytes
+            self.delete_many(ids)
+            return len(ids), before - self.nbytes
+
+    def owns_any(self, owner: Caller) -> bool:
+        """Whether ``owner`` still owns an object here."""
+        with self.lock:
+            return any(o is owner for o in self.owners.values())
 
     def visible(self, owner: Caller, obj_ids: Iterable[int] | None = None) -> list[int]:
         """Snapshot of the ids ``owner`` may see: its own objects and the data the node serves."""

@@ -163,6 +163,19 @@ class PointerTensor(RemoteResult, torch.Tensor):
         self.finish_get(value)
         return value
 
+    def persist(self) -> PointerTensor:
+        """Keep the object on the node after this session ends; returns ``self``.
+
+        A private node frees a session's objects once its last connection has been closed
+        (or lost) for longer than the node's grace period (``session_grace_s``) without a
+        reconnect of the same handle. A durable object stays, still this session's: the same
+        handle reaches it after ``reconnect()``, and ``get()`` or ``del`` still free it. Only
+        the object's owner may make it durable; ``ptr.wait()`` raises if the node refused.
+        """
+        self.check_live()
+        self.seq, _ = self.location.submit(Kind.CMD, "fedws.persist", [self.id_at_location], {}, [])
+        return self
+
     async def get_async(self, *, timeout: float | None = None) -> Any:
         """``await ptr.get_async()``: the async form of :meth:`get`."""
         self.check_live()

@@ -76,6 +76,9 @@ class FrameServer:
         open_session: ``(principal, session key, address) -> (handle, handle_inline)``,
             called once per connection after the handshake: the handlers of that
             connection (None: ``handle``/``handle_inline`` for every connection).
+        close_session: ``(principal, session key)``, called once a connection that
+            ``open_session`` opened has ended (closed or lost) and its last frame was
+            answered or dropped: the composition decides when the session itself ends.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class FrameServer:
         peer_secrets: dict[str, bytes] | None = None,
         credentials: Credentials | None = None,
         open_session: Callable[[str, str, str | None], tuple[FrameHandler, FrameHandler | None]] | None = None,
+        close_session: Callable[[str, str], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.handle = handle
@@ -112,6 +116,7 @@ class FrameServer:
         self.peer_secrets = dict(peer_secrets or {})
         self.credentials = credentials if credentials is not None else Credentials.single(token)
         self.open_session = open_session
+        self.close_session = close_session
         self._principals: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         self.url: str | None = None
@@ -195,6 +200,7 @@ class FrameServer:
     async def _connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         handle, inline = self.handle, self.handle_inline
+        opened: tuple[str, str] | None = None
         if self.open_session is not None:
             principal = self._principals.pop(ws, None)
             if principal is None:  # cannot happen: the handshake stored it
@@ -204,7 +210,9 @@ class FrameServer:
             key = session_key(request.headers.get(SESSION_HEADER) if request is not None else None)
             peer = ws.remote_address
             address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
-            handle, inline = self.open_session(principal, key or new_session_key(), address)
+            session = key or new_session_key()
+            handle, inline = self.open_session(principal, session, address)
+            opened = (principal, session)
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{self.node_id}")
         replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
         writer = asyncio.create_task(self._write_replies(ws, replies))
@@ -241,19 +249,29 @@ class FrameServer:
             pass
         finally:
             await replies.put(None)
-            await asyncio.gather(writer, return_exceptions=True)
+            await asyncio.gather(writer, return_exceptions=True)  # every frame handed on is done
             executor.shutdown(wait=False)
+            if opened is not None and self.close_session is not None:
+                try:
+                    self.close_session(*opened)
+                except Exception:  # never let bookkeeping break the server
+                    log.exception("node %s: close_session failed", self.node_id)
 
     async def _write_replies(self, ws: ServerConnection, replies: asyncio.Queue[Any]) -> None:
+        # Once the connection is gone, frames already handed on still run to the end (their
+        # replies are dropped), so when this returns no frame of the connection is running.
+        closed = False
         while True:
             pending = await replies.get()
             if pending is None:
                 return
             reply = await pending
+            if closed:
+                continue
             try:
                 await ws.send(fragments(reply))
             except ConnectionClosed:
-                return
+                closed = True
 
     # -- lifecycle -----------------------------------------------------------------------
 
