@@ -61,7 +61,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .node.policy import MODES, DPRule
+from .node.policy import MODES, PERMISSIONS, DPRule
 from .transport.handshake import token_digest
 
 __all__ = ["NodeConfig", "DataEntry", "PeerEntry", "TokenEntry", "load_config", "load_tensor", "same_url"]
@@ -155,10 +155,12 @@ _PEER_KEYS = {"id", "url", "token", "token_env", "token_file", "secret_env", "se
 
 @dataclass
 class TokenEntry:
-    """One credential: the principal it names and the sha256 (hex) of the token."""
+    """One credential: the principal it names, the sha256 (hex) of the token, and what the
+    operator lets that principal do (``may``; None: everything, see ``policy.PERMISSIONS``)."""
 
     principal: str
     sha256: str
+    may: frozenset[str] | None = None
 
 
 @dataclass
@@ -205,8 +207,8 @@ def _tokens(path: Path, raw: Any) -> list[TokenEntry]:
     if not isinstance(raw, list):
         raise ValueError(f"node config {path}: 'tokens' must be an array of tables ([[tokens]])")
     for i, t in enumerate(raw):
-        if not isinstance(t, dict) or set(t) - {"principal", "sha256", "token_file"}:
-            raise ValueError(f"node config {path}: tokens entry {i} takes principal, sha256 or token_file")
+        if not isinstance(t, dict) or set(t) - {"principal", "sha256", "token_file", "may"}:
+            raise ValueError(f"node config {path}: tokens entry {i} takes principal, sha256 or token_file, may")
         principal = t.get("principal")
         if not isinstance(principal, str) or not principal:
             raise ValueError(f"node config {path}: tokens entry {i} has no 'principal'")
@@ -226,7 +228,15 @@ def _tokens(path: Path, raw: Any) -> list[TokenEntry]:
             if not token:
                 raise ValueError(f"node config {path}: token_file of {principal!r} is empty")
             digest = token_digest(token)
-        out.append(TokenEntry(principal, digest))
+        may = t.get("may")
+        if may is not None:
+            if not isinstance(may, list) or not all(isinstance(m, str) for m in may) or set(may) - PERMISSIONS:
+                raise ValueError(
+                    f"node config {path}: tokens entry {i} ({principal}): may lists permissions of "
+                    f"{sorted(PERMISSIONS)}"
+                )
+            may = frozenset(may)
+        out.append(TokenEntry(principal, digest, may))
     return out
 
 

@@ -69,7 +69,7 @@ class NodeServer:
         )
         node = self.worker.node
         node.add_peer = self._add_peer
-        node.policy = Policy(config.policy, frozenset(config.approved_plans), config.dp)
+        node.policy = Policy(config.policy, frozenset(config.approved_plans), config.dp, roles=roles(config))
         if config.audit_log:
             self._audit_handler = open_audit_log(config.audit_log)
         self.peer_timeout = config.peer_timeout if peer_timeout is None else peer_timeout
@@ -285,3 +285,16 @@ def serve(server: NodeServer, *, ready: Callable[[str], None] | None = None) -> 
         asyncio.run(main())
     else:
         uvloop.run(main())
+
+
+def roles(config: NodeConfig) -> dict[str, frozenset[str]]:
+    """Principal -> what the operator granted it (principals without ``may``: everything).
+
+    A principal named by several tokens gets what any of them grants.
+    """
+    out: dict[str, frozenset[str]] = {}
+    unrestricted = {t.principal for t in config.tokens if t.may is None}
+    for t in config.tokens:
+        if t.may is not None and t.principal not in unrestricted:
+            out[t.principal] = out.get(t.principal, frozenset()) | t.may
+    return out

@@ -90,6 +90,13 @@ __all__ = ["Node"]
 log = logging.getLogger("fedws.node")
 
 _NO_VALUE: Any = object()
+# What each permission of a role lets a principal do (refusals say it in these words).
+_PERMISSION_TEXT = {
+    "compute": "compute on the data this node serves",
+    "plans": "store or run plans",
+    "dp": "take differentially private releases",
+    "peers": "make this node link to its peers",
+}
 
 
 class Node:
@@ -155,6 +162,7 @@ class Node:
             Kind.CLEAR: self._clear_checked,
             Kind.RUN_PLAN: self._run_plan_checked,
             Kind.STORE_PLAN: self._store_plan_checked,
+            Kind.ADD_PEER: self._add_peer_checked,
         }
         self.fedws_ops: dict[str, Callable[..., Any]] = {
             **TENSOR_FEDWS_OPS,
@@ -452,6 +460,10 @@ class Node:
     def _ping(self, req: Ping) -> Any:
         return "pong"
 
+    def _add_peer_checked(self, req: AddPeer) -> Any:
+        self._require(self._frame.caller, "peers")
+        return self._add_peer(req)
+
     def _add_peer(self, req: AddPeer) -> Any:
         if self.add_peer is None:
             raise PointerError(f"worker {self.id!r} cannot open links to other workers")
@@ -478,6 +490,15 @@ class Node:
 
     def _deny(self, message: str, obj_id: int | None = None, op: str | None = None) -> PermissionDeniedError:
         return PermissionDeniedError(message, worker=self.id, obj_id=obj_id, op=op)
+
+    def _require(self, caller: Caller, permission: str, obj_id: int | None = None) -> None:
+        """Refuse unless the operator granted ``caller``'s principal ``permission``."""
+        if not self.policy.allows(caller.principal, permission):
+            raise self._deny(
+                f"principal {caller.principal!r} may not {_PERMISSION_TEXT[permission]} on worker "
+                f"{self.id!r} (the operator did not grant it {permission!r})",
+                obj_id,
+            )
 
     def _not_yours(self, obj_id: int) -> PermissionDeniedError:
         if obj_id in self.store.readonly:
@@ -508,8 +529,10 @@ class Node:
         state = self._frame
         obj_id = leaf.id
         store = self.store
-        if store.owners.get(obj_id) is not state.caller and obj_id not in store.readonly and obj_id not in store.shared:
-            if obj_id in store.objects:
+        if store.owners.get(obj_id) is not state.caller and obj_id not in store.shared:
+            if obj_id in store.readonly:
+                self._require(state.caller, "compute", obj_id)
+            elif obj_id in store.objects:
                 raise self._not_yours(obj_id)
         value = self._resolve_ref(leaf)
         if obj_id in store.private:
@@ -631,6 +654,7 @@ class Node:
                     f"serves); it leaves only through a release rule of this node: {how}",
                     obj_id,
                 )
+            self._require(caller, "dp", obj_id)
             assert self.accountant is not None
             eps = self.accountant.charge(caller.principal, worker=self.id)
             value = dp_noise(value, dp)
@@ -701,6 +725,7 @@ class Node:
     def _run_plan_checked(self, req: RunPlan) -> Any:
         state = self._begin()
         caller = state.caller
+        self._require(caller, "plans", req.plan_id)
         store = self.store
         plan_id = req.plan_id
         self._check_writable(req.result_ids, caller)
@@ -741,6 +766,7 @@ class Node:
 
     def _store_plan_checked(self, req: StorePlan) -> Any:
         caller = self._frame.caller
+        self._require(caller, "plans", req.plan_id)
         self._check_writable([req.plan_id], caller)
         code, plan_state = PlanCode.from_wire(req.plan, worker=self.id)
         digest = plan_digest(code, plan_state)

@@ -42,6 +42,7 @@ __all__ = [
     "LOCAL",
     "DPRule",
     "Policy",
+    "PERMISSIONS",
     "PrivacyAccountant",
     "plan_digest",
     "written_args",
@@ -120,15 +121,37 @@ class Policy:
     mode: str = OPEN
     approved_plans: frozenset[str] = field(default_factory=frozenset)
     dp: DPRule | None = None
+    roles: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"policy must be one of {MODES}, got {self.mode!r}")
         self.approved_plans = frozenset(h.lower() for h in self.approved_plans)
+        for principal, may in self.roles.items():
+            unknown = set(may) - PERMISSIONS
+            if unknown:
+                raise ValueError(f"principal {principal!r}: unknown permissions {sorted(unknown)}")
+
+    def allows(self, principal: str, permission: str) -> bool:
+        """Whether ``principal`` may do ``permission`` (a principal with no role: all)."""
+        may = self.roles.get(principal)
+        return may is None or permission in may
 
     @property
     def enforce(self) -> bool:
         return self.mode == PRIVATE
+
+
+PERMISSIONS = frozenset({"compute", "plans", "dp", "peers"})
+"""What an operator grants a principal (``[[tokens]] may = [...]``):
+
+- ``compute``: use the data the node serves in commands and plans;
+- ``plans``: store and run plans (an approved plan is the way its outputs leave);
+- ``dp``: take differentially private releases (charged to its own budget);
+- ``peers``: make the node link to a listed peer (pointer chains, move).
+
+A principal's own objects are always its own to compute on, read and delete.
+"""
 
 
 def plan_digest(code: PlanCode, state: list[torch.Tensor]) -> str:
