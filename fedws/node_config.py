@@ -123,14 +123,23 @@ def _secret_value(peer: str, what: str, inline: str | None, env: str | None, fil
             raise ValueError(f"peer {peer!r}: environment variable {env} is not set")
         return value
     if file is not None:
-        try:
-            value = file.read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"peer {peer!r}: cannot read {what}_file {file}: {exc.strerror}") from None
-        if not value:
-            raise ValueError(f"peer {peer!r}: {what}_file {file} is empty")
-        return value
+        return read_secret_file(file, f"peer {peer!r}: {what}_file")
     return inline
+
+
+def read_secret_file(file: Path, what: str) -> str:
+    """The stripped text of a token or secret file; ``what`` names it in the error.
+
+    Raises:
+        ValueError: the file cannot be read, or is empty.
+    """
+    try:
+        value = file.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {file}: {exc.strerror or exc}") from None
+    if not value:
+        raise ValueError(f"{what}: {file} is empty")
+    return value
 
 
 def same_url(a: str, b: str) -> bool:
@@ -221,13 +230,7 @@ def _tokens(path: Path, raw: Any) -> list[TokenEntry]:
         else:
             f = Path(t["token_file"])
             f = f if f.is_absolute() else path.parent / f
-            try:
-                token = f.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"node config {path}: token_file of {principal!r}: {exc.strerror or exc}") from None
-            if not token:
-                raise ValueError(f"node config {path}: token_file of {principal!r} is empty")
-            digest = token_digest(token)
+            digest = token_digest(read_secret_file(f, f"node config {path}: token_file of {principal!r}"))
         may = t.get("may")
         if may is not None:
             if not isinstance(may, list) or not all(isinstance(m, str) for m in may) or set(may) - PERMISSIONS:

@@ -3,49 +3,15 @@ served data, and never another session's objects."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from test_policy import Client  # one test client for the policy tests
 
 from fedws.node import Node
 from fedws.node.policy import Policy
-from fedws.protocol.codec import ObjRef, decode, encode_bytes
+from fedws.protocol.codec import ObjRef
 from fedws.protocol.messages import Kind
 
 X_ID, Y_ID = 1000, 1001  # served data
-
-
-class Client:
-    """Sends requests to a node as one caller (principal, session)."""
-
-    def __init__(self, node: Node, principal: str, session: str) -> None:
-        self.node = node
-        self.caller = node.caller(principal, session, "127.0.0.1:1")
-        self.seq = 0
-
-    def send(self, kind: Kind, *fields: Any) -> tuple[list[Any], list[Any]]:
-        self.seq += 1
-        frame = encode_bytes([int(kind), self.seq, *fields])
-        _, values, errors = decode(b"".join(self.node.handle(frame, self.caller)))
-        return [v for _, v in values], errors
-
-    def ok(self, kind: Kind, *fields: Any) -> Any:
-        values, errors = self.send(kind, *fields)
-        assert errors == [], errors
-        return values[0] if values else None
-
-    def denied(self, kind: Kind, *fields: Any) -> None:
-        _, errors = self.send(kind, *fields)
-        assert len(errors) == 1 and errors[0][1]["type"] == "PermissionDeniedError", errors
-
-    def store(self, obj_id: int, value: Any) -> None:
-        self.ok(Kind.STORE, obj_id, value, [], None)
-
-    def cmd(self, op: str, args: list[Any], result_ids: list[int]) -> None:
-        self.ok(Kind.CMD, op, args, {}, result_ids)
-
-    def get(self, obj_id: int) -> Any:
-        return self.ok(Kind.GET, obj_id, False)
 
 
 def private_node() -> Node:
