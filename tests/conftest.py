@@ -48,6 +48,16 @@ def _frozen_gc() -> Iterator[None]:
     gc.unfreeze()
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny models' OpenMP threads only contend with each
+    other (and with the node processes) on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def node_pool() -> Iterator[NodePool]:
     pool = NodePool()
