@@ -35,7 +35,8 @@ W = TypeVar("W", bound=Member)
 
 # Builds the user-facing pointer for an object on a worker; called as
 # ``factory(location, id_at_location, *, shape, dtype, requires_grad, owner, id=None, seq=0,
-# owns=True)`` (``fedws.pointers.make_pointer`` is the one TorchHook hands in).
+# owns=True, arrived=False)`` (``fedws.pointers.make_pointer`` is the one TorchHook hands in;
+# ``arrived``: a pointer that came to ``owner`` in a chain or a reply).
 PointerFactory = Callable[..., Any]
 
 

@@ -18,6 +18,7 @@ from ..exceptions import FedwsError, FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
+from ..transport.inproc import InprocLink
 from ..transport.io_thread import wait
 from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
@@ -269,16 +270,42 @@ class Worker:
         return self
 
     def resolve_peer(self, worker_id: str) -> Worker:
-        """The handle this worker uses to reach ``worker_id`` (itself included)."""
+        """The handle this worker uses to reach ``worker_id`` (itself included).
+
+        Its peers first (``add_worker``, a node's listed peers); then, for an in-process
+        worker, the other in-process workers of its federation: VirtualWorkers of one hook
+        know each other, as in PySyft. A node process's federation holds no in-process
+        worker but its own, so a real node still reaches only the peers its operator listed.
+
+        Raises:
+            PointerError: ``worker_id`` is unknown here; the message names it and says how
+                to make it known.
+        """
         if worker_id == self.id:
             return self
-        try:
-            return self.peers[worker_id]
-        except KeyError:
-            raise PointerError(
-                f"worker {self.id!r} does not know worker {worker_id!r}; "
-                f"call {self.id}.add_worker({worker_id}) first"
-            ) from None
+        peer = self.peers.get(worker_id)
+        if peer is not None:
+            return peer
+        peer = self._inproc_sibling(worker_id)
+        if peer is not None:
+            return peer
+        raise PointerError(
+            f"worker {self.id!r} does not know worker {worker_id!r}, so it cannot follow a pointer "
+            f"there: on a node, list {worker_id!r} under [[peers]] in {self.id!r}'s config (a "
+            f"--insecure-dev node also accepts {self.id}.add_worker({worker_id})); in-process "
+            f"workers need to share a federation (the same hook)"
+        )
+
+    def _inproc_sibling(self, worker_id: str) -> Worker | None:
+        """``worker_id`` if it and this worker are in-process workers of one federation."""
+        federation = self.federation
+        if federation is None or not isinstance(self.link, InprocLink):
+            return None
+        peer = federation.workers.get(worker_id)
+        # The local worker "me" is the coordinator, not a node its workers follow pointers to.
+        if peer is None or peer is federation.local_worker or not isinstance(peer.link, InprocLink):
+            return None
+        return peer
 
     def pointer_from_ref(self, ref: PointerRef) -> Any:
         """A pointer owned by this worker for a PointerRef that arrived here."""
@@ -290,6 +317,7 @@ class Worker:
             requires_grad=ref.requires_grad,
             owner=self,
             id=ref.id,
+            arrived=True,
         )
 
     def __repr__(self) -> str:

@@ -167,6 +167,8 @@ class Node:
         self.fedws_ops: dict[str, Callable[..., Any]] = {
             **TENSOR_FEDWS_OPS,
             "fedws.remote_get": self._remote_get,
+            "fedws.end_get": self._end_get,
+            "fedws.remote_send": self._remote_send,
             "fedws.share": self._share,
             "fedws.persist": self._persist,
         }
@@ -802,6 +804,61 @@ class Node:
         value = get()
         self.store.set(obj_id, value, owner=self._frame.caller if enforce else None)
 
+    def _end_get(self, obj_id: int) -> bool:
+        """``ptr.end_get()`` reaching this node: is ``obj_id`` a pointer (then its own
+        ``end_get`` runs, and the data ends up one hop before the end of the chain)?
+
+        Returns False when ``obj_id`` is data: the pointer before it is the last one, and
+        its holder gets the data itself. Under a policy only the owner's pointer is followed.
+        """
+        enforce = self.enforce
+        ptr = (self._resolve_checked if enforce else self._resolve_ref)(ObjRef(obj_id))
+        if not _is_pointer(ptr):
+            return False
+        value = ptr.end_get()
+        if value is not ptr:  # ptr was the last pointer: its data is here now
+            self.store.set(obj_id, value, owner=self._frame.caller if enforce else None)
+        return True
+
+    def _remote_send(self, obj_id: int, worker_id: str, remote_id: int, requires_grad: bool) -> None:
+        """Send the data under ``obj_id`` to peer ``worker_id`` (as ``remote_id``) and keep a
+        pointer to it in its place (``ptr.remote_send(worker)``).
+
+        Under a policy the data leaves this node, so the rule of :meth:`_share` applies and
+        more: only the owner's own, non-private value is sent; served data never is.
+
+        Raises:
+            PointerError: ``worker_id`` is not a peer of this node, or ``obj_id`` is a pointer.
+        """
+        if not isinstance(worker_id, str) or not isinstance(remote_id, int):
+            raise TypeError("fedws.remote_send takes (object id, worker id, new id, requires_grad)")
+        enforce = self.enforce
+        if enforce:
+            store = self.store
+            if store.owners.get(obj_id) is not self._frame.caller:
+                if obj_id in store.objects:
+                    raise self._not_yours(obj_id)
+                store.get(obj_id)  # raises ObjectNotFoundError
+            if obj_id in store.private:
+                raise self._deny(
+                    f"object {obj_id} on worker {self.id!r} is private: it cannot be sent to another worker",
+                    obj_id,
+                )
+        value = self._resolve_ref(ObjRef(obj_id))
+        if _is_pointer(value) or not isinstance(value, torch.Tensor):
+            raise PointerError(f"remote_send: object {obj_id} on worker {self.id!r} is not a tensor holding data")
+        if self.pointer_factory is None:
+            raise PointerError(f"worker {self.id!r} cannot open links to other workers")
+        if requires_grad and (value.dtype.is_floating_point or value.dtype.is_complex):
+            value = value.detach().requires_grad_(True)
+        ref = PointerRef(
+            worker_id, None, remote_id, obj_id, tuple(value.shape), codec.DTYPE_NAMES[value.dtype],
+            bool(value.requires_grad),
+        )
+        ptr = self.pointer_factory(ref)  # raises PointerError naming a peer this node does not know
+        ptr.seq = ptr.location.store(value, obj_id=remote_id)
+        self.store.set(obj_id, ptr, owner=self._frame.caller if enforce else None)
+
     def _share(self, obj_id: int) -> None:
         """Let any holder of ``obj_id`` use it (the owner sends a pointer to it elsewhere).
 
@@ -855,6 +912,11 @@ def _describe(entry: Entry) -> list[Any]:
     if isinstance(obj, torch.Tensor):
         shape, dtype, rg = list(obj.shape), codec.DTYPE_NAMES[obj.dtype], obj.requires_grad
     return [entry.id, type(obj).__name__, shape, dtype, rg, sorted(entry.tags), entry.description]
+
+
+def _is_pointer(obj: Any) -> bool:
+    """A live pointer (a chain): it has a location and an id there."""
+    return hasattr(obj, "id_at_location") and hasattr(obj, "location")
 
 
 def _recorder(seen: list[PointerRef]) -> Callable[[PointerRef], PointerRef]:

@@ -13,6 +13,8 @@ pointers that ``Module.send``/``get`` use.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,7 +26,7 @@ from ..protocol.codec import DTYPE_NAMES, DTYPES, PointerRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
 from .meta import Signature, meta_shell
-from .ownership import Ownership
+from .ownership import Ownership, claim, remember
 from .result import RemoteResult
 
 if TYPE_CHECKING:
@@ -202,19 +204,29 @@ class PointerTensor(RemoteResult, torch.Tensor):
         self.gotten = True
 
     def send(self, *workers: Worker) -> PointerTensor:
-        """Send this *pointer* to ``worker``: a pointer to a pointer (the data stays put)."""
+        """Send this *pointer* to ``worker``: a pointer to a pointer (the data stays put).
+
+        The pointer on ``worker`` owns the data from then on; this one gives its ownership
+        up, and takes it up again if the pointer comes back (``p.get()``). Sent to the worker
+        it points at, a pointer is that worker's own object: the result is a second pointer
+        to the same object sharing this one's ownership, never a chain to itself (PySyft
+        resolved such a pointer to the object too).
+        """
         if len(workers) != 1:
             raise PointerError("a pointer can be sent to exactly one worker")
         (worker,) = workers
         self.check_live()
-        if worker is not self.location:
-            # A private node lets another node reach our object only once we shared it.
-            self.seq, _ = self.location.submit(Kind.CMD, "fedws.share", [self.id_at_location], {}, [])
-        if worker is not self.location and self.seq > self.location.session.acked:
+        if worker is self.location:
+            return self._alias()
+        # A private node lets another node reach our object only once we shared it.
+        self.seq, _ = self.location.submit(Kind.CMD, "fedws.share", [self.id_at_location], {}, [])
+        if self.seq > self.location.session.acked:
             # `worker` will reach our location over its own link, which can overtake the
             # commands still queued on ours: let the data exist before anyone follows us.
             self.wait()
         seq = worker.store(self, obj_id=self.id)
+        if self.ownership.active:
+            remember(self.owner, self.ownership)  # taken up again if the pointer comes back
         self.ownership.active = False  # the pointer on `worker` owns the data now
         sig = self.signature
         return make_pointer(
@@ -228,6 +240,23 @@ class PointerTensor(RemoteResult, torch.Tensor):
             id=new_id(),
         )
 
+    def _alias(self) -> PointerTensor:
+        """A second pointer to this pointer's object, sharing its Ownership (one owner)."""
+        sig = self.signature
+        alias = make_pointer(
+            self.location,
+            self.id_at_location,
+            shape=None if sig is None else sig.shape,
+            dtype=self._dtype(),
+            requires_grad=bool(sig and sig.requires_grad),
+            owner=self.owner,
+            seq=self.seq,
+            id=new_id(),
+            owns=False,  # the Ownership made here is replaced by ours before anyone holds it
+        )
+        alias.__dict__["ownership"] = self.ownership
+        return alias
+
     def remote_get(self) -> PointerTensor:
         """For a pointer to a pointer: move the data to where the inner pointer is.
 
@@ -237,11 +266,76 @@ class PointerTensor(RemoteResult, torch.Tensor):
         self.seq, _ = self.location.submit(Kind.CMD, "fedws.remote_get", [self.id_at_location], {}, [])
         return self
 
-    def move(self, worker: Worker) -> PointerTensor:
-        """Move the data to ``worker`` directly from its current location."""
+    def mid_get(self) -> PointerTensor:
+        """PySyft's name for what :meth:`remote_get` asks the location to do: the pointer
+        held there calls ``get()`` and the data takes its place. Returns ``self``."""
+        return self.remote_get()
+
+    def end_get(self) -> Any:
+        """Call ``get()`` on the *last* pointer of the chain that starts here.
+
+        For ``me -> alice -> bob`` the pointer alice holds gets bob's data, node to node, and
+        this pointer (returned) then points at the data on alice. For a chain of one (this
+        pointer points at the data) it is :meth:`get` and returns the value. One round trip
+        per hop: each node asks the next whether its object is still a pointer.
+        """
+        self.check_live()
+        further = new_id()
+        self.location.submit(Kind.CMD, "fedws.end_get", [self.id_at_location], {}, [further])
+        if self.location.request(Kind.GET, further, True):
+            return self  # a pointer further down the chain did the get
+        return self.get()
+
+    def remote_send(self, worker: Worker, requires_grad: bool = False) -> PointerTensor:
+        """Ask the location to send the data to ``worker`` itself, keeping a pointer to it.
+
+        Afterwards this pointer points at that pointer (``me -> alice -> worker``); the
+        data went node to node. ``requires_grad``: the copy on ``worker`` is a leaf that
+        requires grad. Returns ``self``.
+        """
+        self.check_live()
+        _check_worker(worker, "remote_send")
+        self.seq, _ = self.location.submit(
+            Kind.CMD, "fedws.remote_send", [self.id_at_location, worker.id, new_id(), bool(requires_grad)], {}, []
+        )
+        return self
+
+    def move(self, worker: Worker, requires_grad: bool = False) -> Any:
+        """Move the data to ``worker`` directly from its current location.
+
+        The data goes node to node and leaves its old location (the pointer there is
+        spent; use the returned one). Moving to the coordinator itself is :meth:`get`.
+
+        ``requires_grad=True`` (SplitNN's cut): the data stays where it is, part of the
+        graph there, and ``worker`` gets a detached copy that requires grad. The next
+        ``backward()`` run on ``worker`` sends the copy's gradient back across the cut and
+        runs ``backward`` with it on the original, so the layers before the cut learn too.
+        """
+        _check_worker(worker, "move")
+        if worker is self.owner:
+            return self.get()
         if worker is self.location:
             return self
+        if requires_grad:
+            return _cut(self, worker)
         return self.send(worker).remote_get()
+
+    def copy(self) -> PointerTensor:
+        """A new remote object with the same value (PySyft's ``copy``: a remote clone)."""
+        self.check_live()
+        return cast(PointerTensor, torch.Tensor.clone(self))
+
+    def backward(
+        self,
+        gradient: Any = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        inputs: Any = None,
+    ) -> None:
+        """``backward`` on the node; then gradients flow back across SplitNN cuts made by
+        ``move(worker, requires_grad=True)`` into this pointer's location."""
+        torch.Tensor.backward(self, gradient, retain_graph, create_graph, inputs)
+        _flow_back(self.location)
 
     def take_over(self, other: PointerTensor) -> None:
         """Point at ``other``'s object from now on, owning it; ``other`` gives it up.
@@ -290,6 +384,7 @@ def _attach(
     seq: int,
     owns: bool,
     sig: Signature | None,
+    ownership: Ownership | None = None,
 ) -> None:
     d = ptr.__dict__
     d["location"] = location
@@ -298,8 +393,13 @@ def _attach(
     d["owner"] = owner
     d["seq"] = seq
     d["signature"] = sig
-    d["ownership"] = Ownership(location, id_at_location, owns)
+    d["ownership"] = Ownership(location, id_at_location, owns) if ownership is None else ownership
     d["gotten"] = False
+
+
+def _check_worker(worker: Any, what: str) -> None:
+    if not hasattr(worker, "submit") or not hasattr(worker, "id"):
+        raise TypeError(f"{what}() expects a worker, got {type(worker).__name__}")
 
 
 def make_pointer(
@@ -314,11 +414,15 @@ def make_pointer(
     seq: int = 0,
     owns: bool = True,
     cls: type[PointerTensor] | None = None,
+    arrived: bool = False,
 ) -> PointerTensor:
     """Build a pointer to ``id_at_location`` on ``location``.
 
     Args:
         owns: dropping the pointer deletes the remote object (False for search results).
+        arrived: the pointer arrived at ``owner`` (a pointer chain, a pointer brought back
+            by ``get``): if ``owner`` still holds the pointer it once sent on, the two share
+            that pointer's ownership (see :mod:`.ownership`).
         shape: None when not known yet; it is asked of the node when needed.
         seq: the request that makes the object (``await ptr`` waits for it).
     """
@@ -329,7 +433,7 @@ def make_pointer(
     ptr = torch.Tensor._make_subclass(cls or PointerTensor, meta_shell(shp, dtype), rg)
     # tuple.__new__: the named tuple's own __new__ is a Python function, and this runs per op.
     sig = tuple.__new__(Signature, (shp, dtype, rg)) if shape is not None else None
-    _attach(ptr, location, id_at_location, owner, id, seq, owns, sig)
+    _attach(ptr, location, id_at_location, owner, id, seq, owns, sig, claim(owner, location, id_at_location) if arrived else None)
     return ptr
 
 
@@ -428,3 +532,33 @@ def set_local_requires_grad(ptr: PointerTensor, flag: bool) -> None:
     sig = ptr.signature
     if sig is not None:
         ptr.signature = Signature(sig.shape, sig.dtype, flag)
+
+
+# -- SplitNN cuts -----------------------------------------------------------------------------
+
+# location -> cuts made into it by move(..., requires_grad=True): (the copy there, the original).
+_cuts: dict[Any, list[tuple[weakref.ref[PointerTensor], PointerTensor]]] = {}
+_cuts_lock = threading.Lock()
+
+
+def _cut(origin: PointerTensor, worker: Worker) -> PointerTensor:
+    """A detached copy of ``origin`` on ``worker`` that requires grad, linked back to it."""
+    copy = cast(PointerTensor, torch.Tensor.detach(origin)).send(worker).remote_get()
+    copy = cast(PointerTensor, torch.Tensor.requires_grad_(copy))
+    with _cuts_lock:
+        _cuts.setdefault(worker, []).append((weakref.ref(copy), origin))
+    return copy
+
+
+def _flow_back(location: Any) -> None:
+    """A backward ran on ``location``: send each cut's gradient back to its original."""
+    with _cuts_lock:
+        cuts = _cuts.pop(location, None)
+    for ref, origin in cuts or ():
+        copy = ref()
+        if copy is None or copy.gotten or origin.gotten:
+            continue
+        grad = copy.grad
+        if grad is None:
+            continue
+        origin.backward(cast(PointerTensor, grad).copy().move(origin.location))
