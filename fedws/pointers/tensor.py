@@ -334,7 +334,7 @@ class PointerTensor(RemoteResult, torch.Tensor):
     ) -> None:
         """``backward`` on the node; then gradients flow back across SplitNN cuts made by
         ``move(worker, requires_grad=True)`` into this pointer's location."""
-        torch.Tensor.backward(self, gradient, retain_graph, create_graph, inputs)
+        torch.Tensor.backward(self, gradient, retain_graph, create_graph, inputs)  # type: ignore[no-untyped-call]
         _flow_back(self.location)
 
     def take_over(self, other: PointerTensor) -> None:

@@ -48,7 +48,7 @@ def test_part04_cells(hook: sy.TorchHook, transport: str, make_worker: Callable[
 
     # Step 4: Train Bob's and Alice's Models (in parallel)
     losses = []
-    for i in range(10):
+    for i in range(10):  # noqa: B007  (the tutorial's loop, as written)
         bobs_opt.zero_grad()
         bobs_pred = bobs_model(bobs_data)
         bobs_loss = ((bobs_pred - bobs_target) ** 2).sum()
@@ -79,12 +79,12 @@ def test_part04_cells(hook: sy.TorchHook, transport: str, make_worker: Callable[
     # Rinse and Repeat
     iterations = 10
     worker_iters = 5
-    for a_iter in range(iterations):
+    for a_iter in range(iterations):  # noqa: B007
         bobs_model = model.copy().send(bob)
         alices_model = model.copy().send(alice)
         bobs_opt = optim.SGD(params=bobs_model.parameters(), lr=0.1)
         alices_opt = optim.SGD(params=alices_model.parameters(), lr=0.1)
-        for wi in range(worker_iters):
+        for wi in range(worker_iters):  # noqa: B007
             bobs_opt.zero_grad()
             bobs_pred = bobs_model(bobs_data)
             bobs_loss = ((bobs_pred - bobs_target) ** 2).sum()

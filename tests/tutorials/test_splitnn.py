@@ -111,7 +111,7 @@ def test_splitnn_tutorial_1_cells(hook: sy.TorchHook, transport: str, make_worke
             loss = train(images, labels, models, optimizers)
             running_loss += loss
         else:
-            print("Epoch {} - Training loss: {}".format(i, running_loss / len(trainloader)))
+            print("Epoch {} - Training loss: {}".format(i, running_loss / len(trainloader)))  # noqa: UP032
             epoch_losses.append(float(running_loss / len(trainloader)))
 
     assert before == [alice] * 4 and models[1].location is bob  # the segments never moved
