@@ -14,7 +14,6 @@ pointers that ``Module.send``/``get`` use.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -537,7 +536,9 @@ def set_local_requires_grad(ptr: PointerTensor, flag: bool) -> None:
 # -- SplitNN cuts -----------------------------------------------------------------------------
 
 # location -> cuts made into it by move(..., requires_grad=True): (the copy there, the original).
-_cuts: dict[Any, list[tuple[weakref.ref[PointerTensor], PointerTensor]]] = {}
+# Both are held until the next backward on that location: the copy's gradient must still be
+# reachable then even if the user kept no pointer to the copy (``top(a.move(w, True))``).
+_cuts: dict[Any, list[tuple[PointerTensor, PointerTensor]]] = {}
 _cuts_lock = threading.Lock()
 
 
@@ -546,7 +547,7 @@ def _cut(origin: PointerTensor, worker: Worker) -> PointerTensor:
     copy = cast(PointerTensor, torch.Tensor.detach(origin)).send(worker).remote_get()
     copy = cast(PointerTensor, torch.Tensor.requires_grad_(copy))
     with _cuts_lock:
-        _cuts.setdefault(worker, []).append((weakref.ref(copy), origin))
+        _cuts.setdefault(worker, []).append((copy, origin))
     return copy
 
 
@@ -554,9 +555,8 @@ def _flow_back(location: Any) -> None:
     """A backward ran on ``location``: send each cut's gradient back to its original."""
     with _cuts_lock:
         cuts = _cuts.pop(location, None)
-    for ref, origin in cuts or ():
-        copy = ref()
-        if copy is None or copy.gotten or origin.gotten:
+    for copy, origin in cuts or ():
+        if copy.gotten or origin.gotten:
             continue
         grad = copy.grad
         if grad is None:

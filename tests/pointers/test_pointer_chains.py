@@ -261,3 +261,12 @@ def test_a_real_private_node_refuses_a_strangers_remote_send(tmp_path: Path) -> 
             assert x.get().tolist() == [1.0, 2.0]  # still the owner's data, not a pointer
     finally:
         n.stop()
+
+
+def test_the_cut_holds_until_backward_even_without_a_pointer_kept(hook: sy.TorchHook) -> None:
+    alice, bob = sy.VirtualWorker(hook, id="alice"), sy.VirtualWorker(hook, id="bob")
+    w = torch.tensor([2.0], requires_grad=True).send(alice)
+    a = w * 3.0
+    loss = (a.move(bob, requires_grad=True) * 5.0).sum()  # no name for the copy on bob
+    loss.backward()
+    assert w.grad.get().tolist() == [15.0]
