@@ -115,7 +115,8 @@ def test_data_dependent_python_calls_are_pointer_errors(make_worker) -> None:
 
 def test_move_to_a_worker_that_does_not_know_the_source() -> None:
     hook = sy.TorchHook(torch)
-    bob, carol = sy.VirtualWorker(hook, id="bob"), sy.VirtualWorker(hook, id="carol")
+    other = sy.TorchHook(torch, federation=sy.Federation())  # workers of one hook know each other
+    bob, carol = sy.VirtualWorker(hook, id="bob"), sy.VirtualWorker(other, id="carol")
     x = torch.ones(2).send(bob).move(carol)  # carol was never told about bob
     with pytest.raises(sy.RemoteError) as info:
         x.get()
