@@ -18,6 +18,7 @@ replies and lines in the audit log (:mod:`fedws.node.audit`).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,8 @@ __all__ = ["Node"]
 log = logging.getLogger("fedws.node")
 
 _NO_VALUE: Any = object()
+# How a DependencyError's message begins; a chain of them is cut back to the first cause.
+_DEPENDENCY_PREFIX = re.compile(r"object \d+ is the result of a command that failed: [\w.]{1,200}: ")
 # What each permission of a role lets a principal do (refusals say it in these words).
 _PERMISSION_TEXT = {
     "compute": "compute on the data this node serves",
@@ -348,11 +351,12 @@ class Node:
             return leaf
         value = self.store.get(leaf.id)
         if type(value) is Failure:
-            # The message carries the cause (type and text), so the caller reads why.
-            text = (
-                f"object {leaf.id} is the result of a command that failed: "
-                f"{value.error.get('type')}: {value.error.get('message')}"
-            )
+            # The message carries the root cause (type and text), so the caller reads why,
+            # once: a failure that was itself a dependency's is not nested again.
+            cause = str(value.error.get("message"))
+            while (m := _DEPENDENCY_PREFIX.match(cause)) is not None:
+                cause = cause[m.end():]
+            text = f"object {leaf.id} is the result of a command that failed: {value.error.get('type')}: {cause}"
             raise DependencyError(
                 text,
                 worker=self.id,
