@@ -135,7 +135,9 @@ def alice(tmp_path: Path, bin_dir: Path, certs: Path) -> Iterator[tuple[Node, Pa
         (workers / "data").chmod(0o755)
 
 
-def test_compose_node_command_serves_wss_with_the_secret_token(alice, certs: Path, hook: sy.TorchHook) -> None:
+def test_compose_node_command_serves_wss_with_the_secret_token(
+    alice, certs: Path, hook: sy.TorchHook, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node, tmp_path = alice
     assert node.url is not None and node.url.startswith("wss://127.0.0.1:")
     url = node.url.replace("127.0.0.1", "localhost")  # a name the certificate carries
@@ -151,6 +153,10 @@ def test_compose_node_command_serves_wss_with_the_secret_token(alice, certs: Pat
         sy.connect(url, hook=hook, token="wrong", ssl=ctx, connect_timeout=5)
     with pytest.raises(sy.FedwsConnectionError):  # an untrusted certificate is refused
         sy.connect(url, hook=hook, token=TOKEN, connect_timeout=5)
+    # SSL_CERT_FILE trusts the test CA for a whole process (docs/deployment.md, "TLS")
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs / "ca.pem"))
+    with sy.connect(url, hook=hook, token=TOKEN, connect_timeout=5) as w:
+        assert len(w.search("#train")) == 2
     # the audit log goes where compose's --audit-log says (a volume in the container)
     assert (tmp_path / "run" / "alice-audit.jsonl").exists()
     assert node.stop() == 0, "".join(node.lines)
