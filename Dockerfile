@@ -58,6 +58,8 @@ ENTRYPOINT ["/usr/local/bin/fedws-entrypoint"]
 
 # The coordinator of compose.yaml: prepares the digits shards and runs the demo.
 FROM base AS demo
+# The versions come from pyproject.toml's demo extra (a pip constraint file pins them further).
+# hadolint ignore=DL3013
 RUN pip install ".[demo]" && rm -rf build fedws.egg-info
 COPY examples/ ./examples/
 RUN mkdir -p /srv/fedws/examples/output /home/fedws/.config/matplotlib; \
