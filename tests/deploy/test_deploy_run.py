@@ -4,23 +4,19 @@ entry point starts compose.yaml's node command line (token from a secret file, T
 
 from __future__ import annotations
 
-import os
 import shutil
 import ssl
 import stat
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from procs import ENTRYPOINT, ROOT, Node, compose_service, env, fedws_shim, set_option
 
 import fedws as sy
 
-ROOT = Path(__file__).resolve().parents[2]
-ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.sh"
 CERTS = ROOT / "deploy" / "make-test-certs.sh"
 TOKEN = "s3cret-token-for-tests"
@@ -28,22 +24,7 @@ TOKEN = "s3cret-token-for-tests"
 
 @pytest.fixture
 def bin_dir(tmp_path: Path) -> Path:
-    """A ``fedws`` on PATH that runs this interpreter's fedws (as the image's console script does)."""
-    d = tmp_path / "bin"
-    d.mkdir()
-    shim = d / "fedws"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedws "$@"\n')
-    shim.chmod(0o755)
-    return d
-
-
-def _env(bin_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FEDWS_TOKEN"}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
+    return fedws_shim(tmp_path / "bin")
 
 
 @pytest.fixture(scope="module")
@@ -66,45 +47,6 @@ def test_make_test_certs_writes_a_ca_and_private_keys(certs: Path) -> None:
     ctx.load_cert_chain(str(certs / "alice.pem"), str(certs / "alice.key"))
 
 
-def _compose_command(name: str) -> list[str]:
-    yaml = pytest.importorskip("yaml")
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    return list(compose["services"][name]["command"])
-
-
-class Node:
-    """A node started through the image's entry point; its URL from its ready line."""
-
-    def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            ["sh", str(ENTRYPOINT), *cmd], env=env, cwd=cwd, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.url: str | None = None
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if " listening on " in line and self.url is None:
-                self.url = line.split()[-1]
-                self.ready.set()
-        self.ready.set()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def alice(tmp_path: Path, bin_dir: Path, certs: Path) -> Iterator[tuple[Node, Path]]:
     """compose.yaml's ``alice`` command line with this machine's paths: workers/alice.toml
@@ -120,15 +62,15 @@ def alice(tmp_path: Path, bin_dir: Path, certs: Path) -> Iterator[tuple[Node, Pa
     secret.write_text(TOKEN + "\n")
     secret.chmod(0o400)
 
-    cmd = _compose_command("alice")
-    cmd[cmd.index("--host") + 1] = "127.0.0.1"  # tests never bind every interface
-    cmd[cmd.index("--port") + 1] = "0"
-    cmd[cmd.index("--audit-log") + 1] = str(tmp_path / "run" / "alice-audit.jsonl")
+    pytest.importorskip("yaml")
+    cmd = list(compose_service("alice")["command"])
+    set_option(cmd, "--host", "127.0.0.1")  # tests never bind every interface
+    set_option(cmd, "--port", "0")
+    set_option(cmd, "--audit-log", str(tmp_path / "run" / "alice-audit.jsonl"))
     cmd += ["--certfile", str(certs / "alice.pem"), "--keyfile", str(certs / "alice.key")]
-    node = Node(cmd, _env(bin_dir, FEDWS_TOKEN_FILE=str(secret)), cwd=tmp_path / "srv")
+    node = Node(cmd, env(bin_dir, FEDWS_TOKEN_FILE=str(secret)), cwd=tmp_path / "srv")
     try:
-        assert node.ready.wait(60), "".join(node.lines)
-        assert node.url is not None, "node exited:\n" + "".join(node.lines)
+        node.wait_ready()
         yield node, tmp_path
     finally:
         node.stop()
@@ -173,12 +115,12 @@ def fedws_status() -> None:
 def test_healthcheck_script_reports_the_node_up(fedws_status, alice, certs: Path, bin_dir: Path) -> None:
     node, tmp_path = alice
     assert node.url is not None
-    env = _env(bin_dir, FEDWS_TOKEN_FILE=str(tmp_path / "fedws_token"),
-               FEDWS_HEALTH_URL=node.url.replace("127.0.0.1", "localhost"), SSL_CERT_FILE=str(certs / "ca.pem"))
-    up = subprocess.run(["sh", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=60)
+    check_env = env(bin_dir, FEDWS_TOKEN_FILE=str(tmp_path / "fedws_token"),
+                    FEDWS_HEALTH_URL=node.url.replace("127.0.0.1", "localhost"), SSL_CERT_FILE=str(certs / "ca.pem"))
+    up = subprocess.run(["sh", str(HEALTHCHECK)], env=check_env, capture_output=True, text=True, timeout=60)
     assert up.returncode == 0, up.stdout + up.stderr
     node.stop()
-    down = subprocess.run(["sh", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=60)
+    down = subprocess.run(["sh", str(HEALTHCHECK)], env=check_env, capture_output=True, text=True, timeout=60)
     assert down.returncode != 0
 
 
@@ -186,10 +128,10 @@ def test_entrypoint_exports_the_token_file_and_runs_programs(tmp_path: Path, bin
     secret = tmp_path / "token"
     secret.write_text("abc\n")
     out = subprocess.run(["sh", str(ENTRYPOINT), "sh", "-c", 'printf %s "$FEDWS_TOKEN"'],
-                         env=_env(bin_dir, FEDWS_TOKEN_FILE=str(secret)), capture_output=True, text=True, timeout=10)
+                         env=env(bin_dir, FEDWS_TOKEN_FILE=str(secret)), capture_output=True, text=True, timeout=10)
     assert out.returncode == 0 and out.stdout == "abc"
     # a fedws subcommand goes to fedws
-    out = subprocess.run(["sh", str(ENTRYPOINT), "--version"], env=_env(bin_dir), capture_output=True,
+    out = subprocess.run(["sh", str(ENTRYPOINT), "--version"], env=env(bin_dir), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("fedws ")
 
@@ -200,6 +142,6 @@ def test_entrypoint_refuses_a_missing_or_empty_token_file(tmp_path: Path, bin_di
     if content is not None:
         secret.write_text(content)
     out = subprocess.run(["sh", str(ENTRYPOINT), "worker", "--id", "x"],
-                         env=_env(bin_dir, FEDWS_TOKEN_FILE=str(secret)), capture_output=True, text=True, timeout=10)
+                         env=env(bin_dir, FEDWS_TOKEN_FILE=str(secret)), capture_output=True, text=True, timeout=10)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and str(secret) in out.stderr  # one line that says what to do
