@@ -17,7 +17,7 @@ from typing import Any
 from ..exceptions import FedwsError, FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
 from ..protocol.ids import new_id
-from ..protocol.messages import Kind
+from ..protocol.messages import MAX_SEARCH_TERM_CHARS, MAX_SEARCH_TERMS, Kind
 from ..transport.io_thread import wait
 from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
@@ -65,8 +65,12 @@ def search_terms(query: tuple[Any, ...]) -> list[str]:
             if isinstance(term, bool) or not isinstance(term, (str, int)):
                 raise TypeError(f"search terms are strings (tags, words of a description) or ids, got {term!r:.60}")
             text = str(term)
+            if len(text) > MAX_SEARCH_TERM_CHARS:
+                raise ValueError(f"a search term is at most {MAX_SEARCH_TERM_CHARS} characters, got {len(text)}")
             if text not in terms:
                 terms.append(text)
+    if len(terms) > MAX_SEARCH_TERMS:
+        raise ValueError(f"a search has at most {MAX_SEARCH_TERMS} terms, got {len(terms)}")
     return terms
 
 
@@ -260,8 +264,8 @@ class Worker:
         them never deletes it.
 
         Raises:
-            DecodeError: more than 32 terms, or a term longer than 256 characters (the node
-                refuses the query).
+            ValueError: more than 32 terms, or a term longer than 256 characters (a node
+                refuses such a query too).
         """
         return [self._search_result(d) for d in self.request(Kind.SEARCH, search_terms(query))]
 
