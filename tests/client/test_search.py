@@ -164,3 +164,39 @@ def test_failed_results_are_not_found() -> None:
     _, errors = a.send(Kind.CMD, "torch.add", [torch.ones(2), torch.ones(3)], {}, [2])
     assert errors and 2 in node.store  # the failure is held under its result id ...
     assert a.search() == [1] and a.search("2") == []  # ... but it is nothing anyone stored
+
+
+# -- a grid: one query to many workers, answered per worker ---------------------------------
+
+
+def test_grid_search_answers_per_worker(make_worker) -> None:
+    bob, alice, carol = make_worker("bob"), make_worker("alice"), make_worker("carol")
+    kept = [
+        torch.tensor([1.0]).tag("#boston", "#data").send(bob),
+        torch.tensor([2.0]).tag("#boston", "#target").send(bob),
+        torch.tensor([3.0]).tag("#boston", "#data").describe("alice's part").send(alice),
+    ]
+    grid = sy.PrivateGridNetwork(bob, alice, carol)
+    found = grid.search("#boston")
+    assert set(found) == {"bob", "alice"}  # carol found nothing: no entry
+    assert len(found["bob"]) == 2 and len(found["alice"]) == 1
+    data = grid.search("#boston", "#data")
+    assert {w: [p.location.id for p in ps] for w, ps in data.items()} == {"bob": ["bob"], "alice": ["alice"]}
+    assert data["alice"][0].description == "alice's part" and data["alice"][0].tags == {"#boston", "#data"}
+    assert grid.search(["#boston", "#target"])["bob"][0].clone().get().tolist() == [2.0]
+    assert grid.search("#nothing") == {}
+    assert len(grid) == 3 and list(grid) == [bob, alice, carol]
+    del kept
+
+
+async def test_grid_search_async(make_worker) -> None:
+    bob, alice = make_worker("bob"), make_worker("alice")
+    kept = [torch.ones(1).tag("#x").send(w) for w in (bob, alice)]
+    found = await sy.PrivateGridNetwork(bob, alice).search_async("#x")
+    assert sorted(found) == ["alice", "bob"]
+    del kept
+
+
+def test_grid_holds_workers_only() -> None:
+    with pytest.raises(TypeError, match="workers"):
+        sy.PrivateGridNetwork("bob")  # type: ignore[arg-type]
