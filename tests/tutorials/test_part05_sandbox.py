@@ -75,8 +75,9 @@ def test_part05_as_written() -> None:
             assert sorted(found) == sorted(SANDBOX_WORKERS), tag
         _search_and_grid_cells(bob, workers)
     finally:
-        for w in workers:
+        for w in workers:  # leave the process's default federation as it was
             w.clear_objects()
+            hook.federation.unregister(w)
 
 
 def test_part05_on_each_transport(
