@@ -90,13 +90,15 @@ class Protocol:
 
     def deploy(self, *workers: Worker) -> Protocol:
         """Bind the roles to ``workers`` (in the order the roles first appear) and send each
-        plan to its worker. A step given a PointerPlan stays where that plan is. Returns
-        the protocol.
+        plan to its worker. A step given a PointerPlan stays where that plan is; steps that
+        name real workers deploy there when no workers are given. Returns the protocol.
 
         Raises:
             ValueError: not one worker per role.
         """
         roles = self.roles
+        if not workers and all(isinstance(who, Worker) for who, _ in self.plans):
+            workers = tuple(next(w for w, _ in self.plans if isinstance(w, Worker) and w.id == r) for r in roles)
         if len(workers) != len(roles):
             raise ValueError(f"the protocol has {len(roles)} workers ({roles}), deploy() got {len(workers)}")
         for w in workers:

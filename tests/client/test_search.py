@@ -16,7 +16,13 @@ from fedws.client.worker import search_terms
 from fedws.node import Node
 from fedws.node.policy import Policy
 from fedws.protocol.codec import decode, encode_bytes
-from fedws.protocol.messages import MAX_DESCRIPTION_CHARS, MAX_SEARCH_TERM_CHARS, MAX_SEARCH_TERMS, MAX_TAGS, Kind
+from fedws.protocol.messages import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_SEARCH_TERM_CHARS,
+    MAX_SEARCH_TERMS,
+    MAX_TAGS,
+    Kind,
+)
 
 
 @pytest.fixture

@@ -139,6 +139,15 @@ def test_protocol_runs_where_it_was_sent(make_worker) -> None:
     assert ptr.location is james and ptr.get().tolist() == [3.0]
 
 
+def test_protocol_of_real_workers_deploys_where_it_says(make_worker) -> None:
+    bob, alice = make_worker("bob"), make_worker("alice")
+    alice.add_worker(bob)
+    bob.add_worker(alice)
+    protocol = Protocol([(bob, _inc()), (alice, _inc()), (bob, _inc())]).deploy()
+    ptr = protocol.run(torch.tensor([0.0]))
+    assert ptr.location is bob and ptr.get().tolist() == [3.0]
+
+
 def test_protocol_checks_its_steps_and_its_deployment() -> None:
     with pytest.raises(TypeError, match="pair"):
         Protocol([_inc()])  # type: ignore[list-item]

@@ -66,7 +66,7 @@ def test_part08_cells(hook: sy.TorchHook, devices) -> None:
     # Towards a concrete example
     class Net(sy.Plan):
         def __init__(self):
-            super(Net, self).__init__()
+            super(Net, self).__init__()  # noqa: UP008  (as the tutorial writes it)
             self.fc1 = nn.Linear(2, 3)
             self.fc2 = nn.Linear(3, 2)
 
@@ -89,7 +89,7 @@ def test_part08_cells(hook: sy.TorchHook, devices) -> None:
     # Switch between workers
     class Net(sy.Plan):  # noqa: F811  (the tutorial redefines it)
         def __init__(self):
-            super(Net, self).__init__()
+            super(Net, self).__init__()  # noqa: UP008  (as the tutorial writes it)
             self.fc1 = nn.Linear(2, 3)
             self.fc2 = nn.Linear(3, 2)
 
