@@ -326,9 +326,7 @@ class ObjectStore:
         wanted = frozenset(terms)
         with self.lock:
             objects = self.objects
-            # The failed results of a command are not objects anyone stored: never found.
-            ids = [i for i in (list(objects) if obj_ids is None else obj_ids)
-                   if i in objects and type(objects[i]) is not Failure]
+            ids = list(objects) if obj_ids is None else [i for i in obj_ids if i in objects]
             if not wanted:
                 return ids
             tags, descriptions = self.tags, self.descriptions
