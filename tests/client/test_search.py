@@ -164,3 +164,33 @@ def test_a_malformed_query_is_an_error_reply_not_a_crash() -> None:
     assert a.send(Kind.PING)[0] == ["pong"]  # the node still answers
 
 
+
+
+def test_private_node_process_searches_only_what_each_coordinator_may_see(tmp_path) -> None:
+    """A real ``fedws worker`` in its default (private) mode, two coordinators on one token."""
+    from safetensors.torch import save_file
+
+    from fedws.launch import start_node
+
+    save_file({"x": torch.ones(4, 2)}, str(tmp_path / "alice.safetensors"))
+    config = tmp_path / "alice.toml"
+    config.write_text('id = "alice"\nport = 0\n[[data]]\nfile = "alice.safetensors"\nkey = "x"\n'
+                      'tags = ["#train", "#x"]\ndescription = "patient features, ward 7"\n')
+    node = start_node(config, extra_args=["--threads", "1", "--token", "s3cret"])
+    try:
+        def connect() -> sy.Worker:
+            return sy.connect(node.url, "s3cret", hook=sy.TorchHook(torch, federation=sy.Federation()), timeout=30.0)
+
+        with connect() as victim, connect() as attacker:
+            mine = torch.tensor([1.0]).tag("#secret", "#train").describe("candidate drug X-17").send(victim)
+            assert [p.id_at_location for p in victim.search("#secret")] == [mine.id_at_location]
+            assert len(victim.search("#train")) == 2
+            for query in (["#secret"], ["X-17"], [mine.id_at_location], ["candidate", "#train"]):
+                assert attacker.search(*query) == [], query
+            (served,) = attacker.search("#train")
+            assert served.tags == {"#train", "#x"} and served.description == "patient features, ward 7"
+            assert attacker.search("ward 7")[0].id_at_location == served.id_at_location
+            grid = sy.PrivateGridNetwork(attacker)
+            assert [p.id_at_location for p in grid.search("#train")["alice"]] == [served.id_at_location]
+    finally:
+        node.stop()
