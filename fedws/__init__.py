@@ -41,9 +41,11 @@ from .exceptions import (
     StoreFullError,
     WrongThreadError,
 )
+from .grid import PrivateGridNetwork
 from .hook import TorchHook
-from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
+from .plans import MultiPointerPlan, Plan, PointerPlan, PointerProtocol, Protocol, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
+from .sandbox import create_sandbox, make_hook
 from .version import __version__ as __version__
 from .virtual import VirtualWorker
 
@@ -63,6 +65,11 @@ __all__ = [
     "PointerPlan",
     "MultiPointerPlan",
     "State",
+    "Protocol",
+    "PointerProtocol",
+    "PrivateGridNetwork",
+    "create_sandbox",
+    "make_hook",
     "local_worker",
     "FedwsError",
     "ProtocolError",

@@ -270,3 +270,10 @@ def _install() -> None:
     nn.Module.location = property(module_location)  # type: ignore[attr-defined]
     _installed = True
 
+
+
+def __getattr__(name: str) -> Any:
+    """``sy.hook.local_worker`` (PySyft's Part 08 bis): the latest hook's worker ``me``."""
+    if name == "local_worker":
+        return (current_federation() or default_federation()).local_worker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

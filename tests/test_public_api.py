@@ -16,6 +16,7 @@ CORE_NAMES = {
     "OpNotAllowedError", "DependencyError", "StoreFullError", "PlanError",
     "FedwsConnectionError", "ConnectionLostError", "AuthenticationError", "FedwsTimeoutError",
     "WrongThreadError", "Federation", "connect", "connect_async",
+    "Protocol", "PrivateGridNetwork", "create_sandbox",
 }
 
 

@@ -17,14 +17,23 @@ from typing import Any
 from ..exceptions import FedwsError, FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
 from ..protocol.ids import new_id
-from ..protocol.messages import Kind
+from ..protocol.messages import MAX_SEARCH_TERM_CHARS, MAX_SEARCH_TERMS, Kind
 from ..transport.inproc import InprocLink
 from ..transport.io_thread import wait
 from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
 from .session import Session
 
-__all__ = ["Worker", "LinkFactory", "SessionEndpoint", "executing_on", "as_federation"]
+__all__ = [
+    "Worker",
+    "LinkFactory",
+    "SessionEndpoint",
+    "executing_on",
+    "as_federation",
+    "search_terms",
+    "search_result_makers",
+    "found_tags",
+]
 
 LinkFactory = Callable[[Endpoint], Link]
 """Builds a worker's link, bound to the worker's endpoint (``MockLink`` is one)."""
@@ -37,6 +46,40 @@ _OBSERVING = frozenset({Kind.INFO, Kind.SEARCH})
 # The worker whose node is running the current request, if any: pointers that arrive
 # while it runs belong to that worker, not to the coordinator.
 executing_on: ContextVar[Worker | None] = ContextVar("executing_on", default=None)
+
+
+SearchResultMaker = Callable[["Worker", list[Any]], Any]
+"""Turns one search reply entry ``[id, type, shape, dtype, rg, tags, description]`` into a
+handle, or returns None when the entry is not its kind."""
+
+# Layers above register what a search result that is not a tensor becomes (plans register
+# "a stored plan -> PointerPlan"): this layer cannot import them.
+search_result_makers: list[SearchResultMaker] = []
+
+
+def search_terms(query: tuple[Any, ...]) -> list[str]:
+    """PySyft's query forms as one list of terms: ``search("#a", "#b")``, ``search(["#a",
+    "#b"])`` and ids (``search(obj_id)``) all mean the same thing; duplicates are dropped."""
+    terms: list[str] = []
+    for q in query:
+        for term in q if isinstance(q, (list, tuple, set, frozenset)) else (q,):
+            if isinstance(term, bool) or not isinstance(term, (str, int)):
+                raise TypeError(f"search terms are strings (tags, words of a description) or ids, got {term!r:.60}")
+            text = str(term)
+            if len(text) > MAX_SEARCH_TERM_CHARS:
+                raise ValueError(f"a search term is at most {MAX_SEARCH_TERM_CHARS} characters, got {len(text)}")
+            if text not in terms:
+                terms.append(text)
+    if len(terms) > MAX_SEARCH_TERMS:
+        raise ValueError(f"a search has at most {MAX_SEARCH_TERMS} terms, got {len(terms)}")
+    return terms
+
+
+def found_tags(d: list[Any]) -> tuple[set[str], str | None]:
+    """The tags and description of one search reply entry (only strings are kept)."""
+    tags = d[5] if len(d) > 5 and isinstance(d[5], list) else []
+    description = d[6] if len(d) > 6 and isinstance(d[6], str) else None
+    return {t for t in tags if isinstance(t, str)}, description
 
 
 def as_federation(hook: Any) -> Federation[Worker] | None:
@@ -211,23 +254,43 @@ class Worker:
         seq, _ = self.submit(Kind.STORE, obj_id, obj, sorted(set(tags)), description)
         return seq
 
-    def search(self, *tags: str) -> list[Any]:
-        """Pointers to the node's objects that carry every one of ``tags``.
+    def search(self, *query: Any) -> list[Any]:
+        """Pointers to the node's objects that match every term of ``query`` (PySyft's search).
 
-        The pointers do not own the data: dropping them never deletes it.
+        A term matches an object when it is one of its tags, its id, or a piece of its
+        description: ``bob.search("#boston", "#data")`` and ``bob.search(["#boston",
+        "#data"])`` are the same query. Each result carries ``.tags`` and ``.description``;
+        a stored plan comes back as a :class:`~fedws.plans.PointerPlan`. A private node
+        searches only what the caller may see. The pointers do not own the data: dropping
+        them never deletes it.
+
+        Raises:
+            ValueError: more than 32 terms, or a term longer than 256 characters (a node
+                refuses such a query too).
         """
-        return [self._search_result(d) for d in self.request(Kind.SEARCH, list(tags))]
+        return [self._search_result(d) for d in self.request(Kind.SEARCH, search_terms(query))]
 
-    async def search_async(self, *tags: str) -> list[Any]:
-        found = await self.request_async(Kind.SEARCH, list(tags))
+    async def search_async(self, *query: Any) -> list[Any]:
+        """``await worker.search_async(...)``: the async form of :meth:`search`."""
+        found = await self.request_async(Kind.SEARCH, search_terms(query))
         return [self._search_result(d) for d in found]
 
+    def request_search(self, query: Any, location: Worker) -> list[Any]:
+        """PySyft's ``me.request_search(query, location=bob)``: ``bob.search(query)``."""
+        return location.search(query)
+
     def _search_result(self, d: list[Any]) -> Any:
-        """A pointer that does not own the object: dropping it never deletes the data."""
+        """A handle that does not own the object, with the object's tags and description."""
+        for make in search_result_makers:
+            found = make(self, d)
+            if found is not None:
+                return found
         obj_id, _type, shape, dtype, rg = d[0], d[1], d[2], d[3], d[4]
-        return self._federation().make_pointer(
+        ptr = self._federation().make_pointer(
             self, obj_id, shape=shape, dtype=dtype, requires_grad=rg, owner=self.owner, id=new_id(), owns=False
         )
+        ptr.tags, ptr.description = found_tags(d)
+        return ptr
 
     @property
     def owner(self) -> Worker:

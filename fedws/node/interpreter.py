@@ -150,7 +150,7 @@ def store_plan(store: ObjectStore, request: StorePlan, *, worker: str) -> None:
             failure under the plan's id, so running it later fails with the reason).
     """
     code, state = PlanCode.from_wire(request.plan, worker=worker)
-    store.set(request.plan_id, StoredPlan(code, state))
+    store.set(request.plan_id, StoredPlan(code, state), request.tags, request.description)
 
 
 def run_plan(

@@ -424,7 +424,7 @@ class Node:
             raise error_from_wire(value.error)
         if self.audit.enabled:
             self.audit.released(self._frame.caller, req.obj_id, _nbytes(value), "open")
-        return self._finish_get(req, value)
+        return self._finish_get(req, _plan_wire(value))
 
     def _finish_get(self, req: Get, value: Any) -> Any:
         self.budget.check_reply(value, req.obj_id)
@@ -651,6 +651,8 @@ class Node:
         extra: dict[str, Any] = {}
         if obj_id in store.private:
             dp = self.policy.dp
+            if type(value) is StoredPlan:  # its state ran on private data: no release rule fits a plan
+                raise self._deny(f"plan {obj_id} on worker {self.id!r} is private: it ran on private data", obj_id)
             if dp is None or (req.release != "dp" and not dp.always):
                 how = "the output of a plan the operator approved"
                 if dp is not None:
@@ -667,7 +669,7 @@ class Node:
             rule, extra = "dp", {"epsilon": round(eps, 6), "delta": dp.delta}
         if self.audit.enabled:
             self.audit.released(caller, obj_id, _nbytes(value), rule, **extra)
-        return self._finish_get(req, value)
+        return self._finish_get(req, _plan_wire(value))
 
     def _delete_checked(self, req: Delete) -> Any:
         caller = self._frame.caller
@@ -689,7 +691,9 @@ class Node:
 
     def _search_checked(self, req: Search) -> Any:
         store = self.store
-        found = store.visible(self._frame.caller, store.search(req.tags))
+        # Only what the caller may see is compared: another session's tags, ids and
+        # descriptions never take part in the match (nor in its timing).
+        found = store.search(req.tags, store.visible(self._frame.caller))
         check_listing(len(found), self.id)
         return [_describe(e) for e in store.entries(found)]
 
@@ -790,7 +794,7 @@ class Node:
             "store_plan", caller, plan=digest, name=code.name, ops=len(code.ops), approved=approved,
             code=code.pretty(),
         )
-        self.store.set(req.plan_id, StoredPlan(code, plan_state, digest), owner=caller)
+        self.store.set(req.plan_id, StoredPlan(code, plan_state, digest), req.tags, req.description, owner=caller)
         return _NO_VALUE
 
     # -- fedws ops ----------------------------------------------------------------------
@@ -921,6 +925,11 @@ def _describe(entry: Entry) -> list[Any]:
 def _is_pointer(obj: Any) -> bool:
     """A live pointer (a chain): it has a location and an id there."""
     return hasattr(obj, "id_at_location") and hasattr(obj, "location")
+def _plan_wire(value: Any) -> Any:
+    """A plan leaves as its wire form (code and state), the form it arrived in."""
+    if type(value) is StoredPlan:
+        return value.code.to_wire(value.state)
+    return value
 
 
 def _recorder(seen: list[PointerRef]) -> Callable[[PointerRef], PointerRef]:

@@ -70,6 +70,16 @@ _NO_TAGS: frozenset[str] = frozenset()
 _MISSING: Any = object()
 
 
+def _matches(terms: frozenset[str], obj_id: int, tags: frozenset[str], description: str | None) -> bool:
+    """Whether every term is a tag, the id, or a piece of the description (PySyft's search)."""
+    for term in terms:
+        if term in tags or (description is not None and term in description):
+            continue
+        if term != str(obj_id):
+            return False
+    return True
+
+
 class ObjectStore:
     """Id -> object, plus tags and descriptions; safe to share between threads.
 
@@ -306,13 +316,21 @@ class ObjectStore:
         with self.lock:
             return list(self.objects)
 
-    def search(self, tags: Iterable[str]) -> list[int]:
-        """Snapshot of the ids of objects carrying every one of ``tags``, in insertion order."""
-        wanted = frozenset(tags)
+    def search(self, terms: Iterable[str], obj_ids: Iterable[int] | None = None) -> list[int]:
+        """Snapshot of the ids of objects matching every one of ``terms``, in insertion order.
+
+        PySyft 0.2's rule: a term matches an object when it is one of its tags, its id in
+        decimal, or a substring of its description. ``obj_ids`` limits the search to those
+        ids (what a caller may see), so objects it may not see are never even compared.
+        """
+        wanted = frozenset(terms)
         with self.lock:
+            objects = self.objects
+            ids = list(objects) if obj_ids is None else [i for i in obj_ids if i in objects]
             if not wanted:
-                return list(self.objects)
-            return [i for i in self.objects if wanted <= self.tags.get(i, _NO_TAGS)]
+                return ids
+            tags, descriptions = self.tags, self.descriptions
+            return [i for i in ids if _matches(wanted, i, tags.get(i, _NO_TAGS), descriptions.get(i))]
 
     def entries(self, obj_ids: Iterable[int] | None = None) -> list[Entry]:
         """Snapshot of objects with their tags and descriptions (all, or ``obj_ids``).

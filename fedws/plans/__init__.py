@@ -9,7 +9,9 @@ calls them on workers (:mod:`.pointer_plan`) knowing only their :class:`PlanSign
 from ..protocol.plan import Op, PlanCode
 from .plan import Plan, func2plan
 from .pointer_plan import MultiPointerPlan, PointerPlan
+from .protocol import PointerProtocol, Protocol
 from .signature import PlanSignature
 from .state import State
 
-__all__ = ["Plan", "func2plan", "PointerPlan", "MultiPointerPlan", "PlanSignature", "State", "PlanCode", "Op"]
+__all__ = ["Plan", "func2plan", "PointerPlan", "MultiPointerPlan", "PlanSignature", "State", "PlanCode", "Op",
+           "Protocol", "PointerProtocol"]

@@ -7,7 +7,7 @@ any number of workers and run there with one message per call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
@@ -18,7 +18,7 @@ from ..pointers import PointerTensor
 from ..protocol.ids import new_id
 from ..protocol.plan import PlanCode
 from ..protocol.tree import tree_leaves
-from .pointer_plan import MultiPointerPlan, PointerPlan, send_plan
+from .pointer_plan import MultiPointerPlan, PointerPlan, send_plan, set_plan_builder
 from .signature import PlanSignature, TensorSig, input_sigs
 from .state import State
 from .trace import trace
@@ -57,7 +57,7 @@ class Plan(nn.Module):
         function: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
-        state: Sequence[torch.Tensor] | State | None = None,
+        state: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | State | None = None,
         args_shape: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
@@ -71,6 +71,8 @@ class Plan(nn.Module):
         self._state_tensors: list[torch.Tensor] = []
         self._signature: PlanSignature | None = None
         self._sent: dict[str, PointerPlan] = {}
+        self.tags: set[str] = set()
+        self.description: str | None = None
         if args_shape is not None:
             self.build(*mock_args(args_shape))
 
@@ -112,6 +114,19 @@ class Plan(nn.Module):
         if self._user_state is not None:
             return self._user_state
         return State([*self.parameters(), *self.buffers()])
+
+    @state.setter
+    def state(self, value: State) -> None:
+        """``self.state += ['fc1', 'fc2']`` (PySyft): the parameters are the state already."""
+        if not isinstance(value, State):
+            raise TypeError(f"a plan's state is a State, got {type(value).__name__}")
+
+    def add_to_state(self, *names: str) -> None:
+        """PySyft's ``self.add_to_state('fc1', 'fc2')``: a plan's parameters and buffers are
+        its state already, so this only checks that the names are the plan's attributes."""
+        for name in names:
+            if not hasattr(self, name):
+                raise AttributeError(f"plan {self._plan_name!r} has no attribute {name!r} to add to its state")
 
     @property
     def state_tensors(self) -> list[torch.Tensor]:
@@ -160,10 +175,52 @@ class Plan(nn.Module):
         signature = self.signature
         if not workers:
             raise TypeError("send() needs at least one worker")
-        pointers = [send_plan(signature, self._state_tensors, w) for w in workers]
+        pointers = [
+            send_plan(signature, self._state_tensors, w, tags=self.tags, description=self.description)
+            for w in workers
+        ]
         for p in pointers:
             self._sent[p.location.id] = p
         return pointers[0] if len(pointers) == 1 else MultiPointerPlan(pointers)
+
+    def tag(self, *tags: str) -> Plan:
+        """Add search tags: once sent, ``worker.search(tag)`` finds the plan; returns it."""
+        self.tags.update(tags)
+        return self
+
+    def describe(self, description: str) -> Plan:
+        """Attach a description, searchable as text once the plan is sent; returns it."""
+        self.description = description
+        return self
+
+    def get(self) -> Plan:
+        """Bring the plan back from the worker it was last sent to (PySyft's ``plan.get()``).
+
+        Its state takes the values it has there (a plan that trains its state in place
+        keeps what it learnt); every copy sent is dropped from its worker. Returns the plan.
+        """
+        if not self._sent:
+            return self
+        last = list(self._sent.values())[-1]
+        fetched = last.get()
+        with torch.no_grad():
+            for mine, theirs in zip(self._state_tensors, fetched.state_tensors):
+                mine.copy_(theirs)
+        self._sent = {}
+        return self
+
+    @classmethod
+    def from_code(
+        cls, code: PlanCode, state: Sequence[torch.Tensor], tags: set[str] | None = None, description: str | None = None
+    ) -> Plan:
+        """A built plan from checked code and state (what ``PointerPlan.get()`` returns)."""
+        plan = cls(name=code.name)
+        plan._code = code
+        plan._state_tensors = list(state)
+        plan._signature = PlanSignature(code, plan._state_tensors, ())
+        plan.tags = set(tags or ())
+        plan.description = description
+        return plan
 
     def __call__(self, *args: Any) -> Any:
         """Run the plan: locally on tensors, or on the worker holding the pointer arguments.
@@ -211,7 +268,7 @@ class Plan(nn.Module):
 
 def func2plan(
     args_shape: Sequence[Sequence[int]] | Callable[..., Any] | None = None,
-    state: Sequence[torch.Tensor] | None = None,
+    state: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
 ) -> Any:
     """Decorator turning a function into a :class:`Plan`.
 
@@ -233,6 +290,9 @@ def func2plan(
         return Plan(fn, name=fn.__name__, state=state, args_shape=args_shape)
 
     return decorate
+
+
+set_plan_builder(Plan.from_code)
 
 
 def mock_args(args_shape: Sequence[Sequence[int]]) -> list[torch.Tensor]:

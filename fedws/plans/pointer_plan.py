@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..exceptions import LocationError
+from ..client.worker import found_tags, search_result_makers
+from ..exceptions import LocationError, PointerError
 from ..pointers import (
     MultiPointerTensor,
     Ownership,
@@ -19,20 +20,57 @@ from ..pointers import (
 from ..protocol.codec import ObjRef
 from ..protocol.ids import new_id
 from ..protocol.messages import Kind
+from ..protocol.plan import PlanCode
 from ..protocol.tree import tree_map
 from .signature import PlanSignature
 
 if TYPE_CHECKING:
     from ..client.worker import Worker
 
-__all__ = ["PointerPlan", "MultiPointerPlan", "send_plan"]
+__all__ = ["PointerPlan", "MultiPointerPlan", "send_plan", "set_plan_builder", "pointer_plan_from_search"]
+
+# Builds a local Plan from checked code and state (plan.py registers Plan.from_code; this
+# module cannot import plan.py, which imports it).
+_plan_builder: Callable[[PlanCode, list[torch.Tensor], set[str], str | None], Any] | None = None
 
 
-def send_plan(signature: PlanSignature, state: Sequence[torch.Tensor], worker: Worker) -> PointerPlan:
-    """Store a plan (its code and ``state``) on ``worker``; one STORE_PLAN message."""
+def set_plan_builder(build: Callable[[PlanCode, list[torch.Tensor], set[str], str | None], Any]) -> None:
+    """Tell :meth:`PointerPlan.get` how to make a local plan (``Plan.from_code``)."""
+    global _plan_builder
+    _plan_builder = build
+
+
+def send_plan(
+    signature: PlanSignature,
+    state: Sequence[torch.Tensor],
+    worker: Worker,
+    *,
+    tags: Iterable[str] = (),
+    description: str | None = None,
+) -> PointerPlan:
+    """Store a plan (its code and ``state``) on ``worker``; one STORE_PLAN message.
+
+    ``tags`` and ``description`` travel only when given: ``worker.search`` finds the plan.
+    """
     plan_id = new_id()
-    seq, _ = worker.submit(Kind.STORE_PLAN, plan_id, signature.code.to_wire(list(state)))
-    return PointerPlan(signature, worker, plan_id, seq=seq, owner=worker.owner)
+    tag_list = sorted(set(tags))
+    extra = (tag_list, description) if tag_list or description is not None else ()
+    seq, _ = worker.submit(Kind.STORE_PLAN, plan_id, signature.code.to_wire(list(state)), *extra)
+    pp = PointerPlan(signature, worker, plan_id, seq=seq, owner=worker.owner)
+    pp.tags, pp.description = set(tag_list), description
+    return pp
+
+
+def pointer_plan_from_search(worker: Worker, d: list[Any]) -> PointerPlan | None:
+    """A search result that is a stored plan: a PointerPlan that does not own it.
+
+    Its signature (the code, to check calls and shape results) is fetched on first use.
+    """
+    if len(d) < 2 or d[1] != "StoredPlan" or type(d[0]) is not int:
+        return None
+    pp = PointerPlan(None, worker, d[0], seq=0, owner=worker.owner, owns=False)
+    pp.tags, pp.description = found_tags(d)
+    return pp
 
 
 class PointerPlan(RemoteResult):
@@ -49,15 +87,54 @@ class PointerPlan(RemoteResult):
     """
 
     def __init__(
-        self, signature: PlanSignature, location: Worker, id_at_location: int, *, seq: int, owner: Worker
+        self,
+        signature: PlanSignature | None,
+        location: Worker,
+        id_at_location: int,
+        *,
+        seq: int,
+        owner: Worker,
+        owns: bool = True,
     ) -> None:
-        self.signature = signature
+        self._signature = signature
         self.location = location
         self.id_at_location = id_at_location
         self.id = new_id()
         self.owner = owner
         self.seq = seq
-        self.ownership = Ownership(location, id_at_location, True)
+        self.ownership = Ownership(location, id_at_location, owns)
+        self.tags: set[str] = set()
+        self.description: str | None = None
+        self.gotten = False
+
+    @property
+    def signature(self) -> PlanSignature:
+        """The plan's arity, code and state specs; fetched from the worker (and checked
+        like any plan that arrives) for a plan found by ``search``."""
+        if self._signature is None:
+            code, state = self._fetch(remove=False)
+            self._signature = PlanSignature(code, state, ())
+        return self._signature
+
+    def _fetch(self, *, remove: bool) -> tuple[PlanCode, list[torch.Tensor]]:
+        if self.gotten:
+            raise PointerError(f"{self!r} was already retrieved with get(); the plan left the worker")
+        wire = self.location.request(Kind.GET, self.id_at_location, remove)
+        return PlanCode.from_wire(wire, worker=self.location.id)
+
+    def get(self) -> Any:
+        """Bring the plan back: a local :class:`~fedws.plans.Plan` (with the state it has on
+        the worker), which runs locally and can be sent again. The worker forgets it.
+
+        Raises:
+            PermissionDeniedError: a private node keeps a plan that ran on its private data.
+            OpNotAllowedError, DecodeError: what came back is not a plan this side accepts.
+        """
+        code, state = self._fetch(remove=True)
+        self.gotten = True
+        self.ownership.active = False
+        assert _plan_builder is not None, "fedws.plans.plan registers the plan builder"
+        return _plan_builder(code, state, set(self.tags), self.description)
 
     def __call__(self, *args: Any) -> PointerTensor | tuple[PointerTensor, ...]:
         """Run the plan on the worker: one message; returns result pointer(s) at once.
@@ -66,6 +143,8 @@ class PointerPlan(RemoteResult):
             TypeError: wrong number of arguments (the message gives the expected count).
             LocationError: a pointer argument lives on another worker.
         """
+        if self.gotten:
+            raise PointerError(f"{self!r} was already retrieved with get(); the plan left the worker")
         signature = self.signature
         signature.check_args(args)
         location = self.location
@@ -140,3 +219,6 @@ def _for_worker(arg: Any, wid: str) -> Any:
     if isinstance(arg, dict):
         return arg[wid]
     return arg
+
+
+search_result_makers.append(pointer_plan_from_search)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import overload
 
 import torch
 
@@ -14,23 +15,48 @@ class State:
 
     They travel with the plan when it is sent, live on the worker next to it, and keep
     whatever the plan does to them in place (an in-place SGD step persists between runs).
+    Given as a dict (PySyft's ``state={"bias": t}``), each tensor is read by its name.
 
     Example:
-        >>> @sy.func2plan(args_shape=[(1,)], state=(torch.tensor([1]),))
+        >>> @sy.func2plan(args_shape=[(1,)], state={"bias": torch.tensor([1])})
         ... def plan_abs(x, state):
-        ...     bias, = state.read()
+        ...     bias = state.read("bias")
         ...     return x.abs() + bias
     """
 
-    def __init__(self, tensors: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, tensors: Iterable[torch.Tensor] | Mapping[str, torch.Tensor] = ()) -> None:
+        self.names: list[str] = []
+        if isinstance(tensors, Mapping):
+            self.names = [str(k) for k in tensors]
+            tensors = list(tensors.values())
         self.tensors: list[torch.Tensor] = list(tensors)
         for t in self.tensors:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"plan state holds tensors only, got {type(t).__name__}")
 
-    def read(self) -> tuple[torch.Tensor, ...]:
-        """The state tensors, in the order they were given."""
-        return tuple(self.tensors)
+    @overload
+    def read(self) -> tuple[torch.Tensor, ...]: ...
+
+    @overload
+    def read(self, name: str) -> torch.Tensor: ...
+
+    def read(self, name: str | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """The state tensors in the order they were given, or the one called ``name``.
+
+        Raises:
+            KeyError: no state tensor has that name.
+        """
+        if name is None:
+            return tuple(self.tensors)
+        try:
+            return self.tensors[self.names.index(name)]
+        except ValueError:
+            raise KeyError(f"the plan state has no tensor {name!r} (it has {self.names})") from None
+
+    def __iadd__(self, names: Iterable[str]) -> State:
+        """PySyft's ``self.state += ['fc1', 'fc2']`` in a ``Plan`` subclass: nothing to do,
+        a plan's parameters and buffers are its state already."""
+        return self
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.tensors)

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -53,6 +53,11 @@ __all__ = [
     "INFO_WHATS",
     "MAX_RESULT_IDS",
     "MAX_DELETE_IDS",
+    "MAX_SEARCH_TERMS",
+    "MAX_SEARCH_TERM_CHARS",
+    "MAX_TAGS",
+    "MAX_TAG_CHARS",
+    "MAX_DESCRIPTION_CHARS",
     "RELEASE_MODES",
     "split_request",
     "parse_request",
@@ -66,13 +71,13 @@ class Kind(IntEnum):
     STORE = 2  # id, obj, tags, description — store a value
     GET = 3  # id, remove[, release] — return a value (and remove it); release "dp": a DP copy
     DELETE = 4  # ids — forget objects; missing ids are ignored
-    SEARCH = 5  # tags — ids and metadata of objects carrying all the tags
+    SEARCH = 5  # terms — ids and metadata of objects matching every term (tag, id or description text)
     INFO = 6  # what — "count" | "list" | "nbytes" | "meta" (+ id)
     CLEAR = 7  # — forget every object
     RUN_PLAN = 8  # plan_id, args, result_ids — run a stored plan
     ADD_PEER = 9  # worker_id, address — tell the node where another node is
     PING = 10  # — round trip, nothing else
-    STORE_PLAN = 11  # id, plan — check a plan against the allowlist and store it
+    STORE_PLAN = 11  # id, plan[, tags, description] — check a plan against the allowlist and store it
 
 
 # Seq used in an error entry that concerns the whole frame (it could not be decoded).
@@ -83,6 +88,16 @@ FRAME_ERROR_SEQ = -1
 # have a few (``unbind`` of a batch: its length). Clients split larger deletes.
 MAX_RESULT_IDS = 4096
 MAX_DELETE_IDS = 4096
+
+# A search is a few terms (PySyft's tutorials use one to three). Every term is matched
+# against every visible object's tags and description, on the node's event loop: the
+# bounds keep one request's work proportional to the store, not to what a peer sends.
+MAX_SEARCH_TERMS = 32
+MAX_SEARCH_TERM_CHARS = 256
+# What an object may carry to be found by: tags and a description (searched as text).
+MAX_TAGS = 256
+MAX_TAG_CHARS = 256
+MAX_DESCRIPTION_CHARS = 16384
 
 # Release modes a GET may ask for.
 RELEASE_MODES = frozenset({"dp"})
@@ -138,6 +153,25 @@ def _strs(kind: Kind, name: str, v: Any) -> list[str]:
     if type(v) is not list or not all([type(s) is str for s in v]):
         raise _bad(kind, f"{name} must be a list of strings", v)
     return v
+
+
+def _bounded_strs(kind: Kind, name: str, v: Any, count: int, chars: int) -> list[str]:
+    """A list of at most ``count`` strings of at most ``chars`` characters each."""
+    strs = _strs(kind, name, v)
+    if len(strs) > count:
+        raise DecodeError(f"malformed {kind.name} request: {len(strs)} {name}, at most {count}")
+    if any([len(s) > chars for s in strs]):
+        raise DecodeError(f"malformed {kind.name} request: one of the {name} is longer than {chars} characters")
+    return strs
+
+
+def _description(kind: Kind, v: Any) -> str | None:
+    d = _opt_str(kind, "description", v)
+    if d is not None and len(d) > MAX_DESCRIPTION_CHARS:
+        raise DecodeError(
+            f"malformed {kind.name} request: description of {len(d)} characters, at most {MAX_DESCRIPTION_CHARS}"
+        )
+    return d
 
 
 def _str(kind: Kind, name: str, v: Any) -> str:
@@ -254,8 +288,8 @@ class Store(Request):
         k = cls.KIND
         _count(k, fields, 4)
         obj_id, obj, tags, description = fields
-        tags = [] if tags is None else _strs(k, "tags", tags)
-        return cls(_id(k, "obj_id", obj_id), obj, tags, _opt_str(k, "description", description))
+        tags = [] if tags is None else _bounded_strs(k, "tags", tags, MAX_TAGS, MAX_TAG_CHARS)
+        return cls(_id(k, "obj_id", obj_id), obj, tags, _description(k, description))
 
     def fields(self) -> list[Any]:
         return [self.obj_id, self.obj, self.tags, self.description]
@@ -316,7 +350,12 @@ class Delete(Request):
 
 @dataclass(frozen=True, slots=True)
 class Search(Request):
-    """Describe the objects that carry every one of ``tags``."""
+    """Describe the objects that match every one of ``tags`` (the query's terms).
+
+    As in PySyft 0.2, a term matches an object when it is one of the object's tags, its
+    id written in decimal, or a piece of its description. At most
+    :data:`MAX_SEARCH_TERMS` terms of :data:`MAX_SEARCH_TERM_CHARS` characters each.
+    """
 
     KIND: ClassVar[Kind] = Kind.SEARCH
     tags: list[str]
@@ -324,7 +363,7 @@ class Search(Request):
     @classmethod
     def parse(cls, fields: Sequence[Any]) -> Search:
         _count(cls.KIND, fields, 1)
-        return cls(_strs(cls.KIND, "tags", fields[0]))
+        return cls(_bounded_strs(cls.KIND, "tags", fields[0], MAX_SEARCH_TERMS, MAX_SEARCH_TERM_CHARS))
 
     def fields(self) -> list[Any]:
         return [self.tags]
@@ -434,19 +473,31 @@ class Ping(Request):
 
 @dataclass(frozen=True, slots=True)
 class StorePlan(Request):
-    """Check a plan (``PlanCode`` wire form) against the allowlist and store it."""
+    """Check a plan (``PlanCode`` wire form) against the allowlist and store it.
+
+    ``tags`` and ``description`` (``plan.tag(...)``, ``plan.describe(...)``) let
+    ``worker.search`` find the plan; they travel only when one is given.
+    """
 
     KIND: ClassVar[Kind] = Kind.STORE_PLAN
     plan_id: int
     plan: Any
+    tags: list[str] = field(default_factory=list)
+    description: str | None = None
 
     @classmethod
     def parse(cls, fields: Sequence[Any]) -> StorePlan:
-        _count(cls.KIND, fields, 2)
-        return cls(_id(cls.KIND, "plan_id", fields[0]), fields[1])
+        k = cls.KIND
+        _count(k, fields, 2, 4)
+        if len(fields) == 2:
+            return cls(_id(k, "plan_id", fields[0]), fields[1])
+        tags = [] if fields[2] is None else _bounded_strs(k, "tags", fields[2], MAX_TAGS, MAX_TAG_CHARS)
+        return cls(_id(k, "plan_id", fields[0]), fields[1], tags, _description(k, fields[3]))
 
     def fields(self) -> list[Any]:
-        return [self.plan_id, self.plan]
+        if not self.tags and self.description is None:
+            return [self.plan_id, self.plan]
+        return [self.plan_id, self.plan, self.tags, self.description]
 
     @classmethod
     def blame(cls, fields: Sequence[Any]) -> Blame:
