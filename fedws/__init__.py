@@ -17,6 +17,7 @@ from .client.federation import Federation
 from .client.websocket_worker import WebsocketClientWorker
 from .client.worker import Worker
 from .connecting import connect, connect_async
+from .datasets import BaseDataset, FederatedDataLoader, FederatedDataset
 from .exceptions import (
     AuthenticationError,
     ConnectionLostError,
@@ -63,6 +64,9 @@ __all__ = [
     "PointerPlan",
     "MultiPointerPlan",
     "State",
+    "BaseDataset",
+    "FederatedDataset",
+    "FederatedDataLoader",
     "local_worker",
     "FedwsError",
     "ProtocolError",
