@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stored_count
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
@@ -20,8 +21,6 @@ from fedws.fl.partition import dirichlet
 from fedws.launch import start_node
 from fedws.protocol.codec import ObjRef
 from fedws.protocol.messages import Kind
-
-from conftest import stored_count
 
 MakeWorker = Callable[..., sy.Worker]
 TOKEN = "data-token"
@@ -234,3 +233,17 @@ def test_a_batch_is_one_command_per_tensor_and_no_data_moves(make_worker: MakeWo
     kinds = [k for k, _ in sent if k != Kind.DELETE]  # (deletes of dropped batches)
     assert kinds == [Kind.CMD] * 6  # data[idx], targets[idx] per batch: no STORE, no GET
     assert all(n < 400 for _, n in sent)  # indices travel, examples do not
+
+
+def test_node_server_add_dataset_serves_private_read_only_data() -> None:
+    from fedws.node_config import NodeConfig
+    from fedws.node_process import NodeServer
+
+    server = NodeServer(NodeConfig(id="erin", port=0))  # private by default; not started
+    x, y = xy(5)
+    server.add_dataset(sy.BaseDataset(x, y), key="mnist", tags=["#train"])
+    store = server.worker.node.store
+    data_ids, target_ids = store.search(["#mnist", "#data", "#train"]), store.search(["#mnist", "#target"])
+    assert len(data_ids) == 1 and len(target_ids) == 1
+    assert set(data_ids + target_ids) <= store.readonly and torch.equal(store.get(target_ids[0]), y)
+    server.worker.close()

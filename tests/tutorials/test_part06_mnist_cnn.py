@@ -6,6 +6,7 @@ small synthetic MNIST-shaped ``TensorDataset`` (no download, no torchvision): 28
 images, ten classes, each class a fixed pattern plus noise, so the CNN can learn it.
 ``args`` is scaled down (batch size, epochs, log interval) so the test runs in seconds.
 """
+# ruff: noqa: UP008, UP032, UP039, B007  (the tutorial's cells, as written)
 
 from __future__ import annotations
 

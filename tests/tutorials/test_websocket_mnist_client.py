@@ -8,6 +8,7 @@ small synthetic MNIST-shaped ``TensorDataset`` (no torchvision download); the ar
 scaled down; ``syft.frameworks.torch.federated.utils.federated_avg`` (equal-weight average
 of the workers' models) is written here on ``fedws.fl.fedavg``.
 """
+# ruff: noqa: UP008, UP032, UP039, B007  (the tutorial's cells, as written)
 
 from __future__ import annotations
 
