@@ -17,6 +17,7 @@ from .client.federation import Federation
 from .client.websocket_worker import WebsocketClientWorker
 from .client.worker import Worker
 from .connecting import connect, connect_async
+from .datasets import BaseDataset, FederatedDataLoader, FederatedDataset
 from .exceptions import (
     AuthenticationError,
     ConnectionLostError,
@@ -70,6 +71,9 @@ __all__ = [
     "PrivateGridNetwork",
     "create_sandbox",
     "make_hook",
+    "BaseDataset",
+    "FederatedDataset",
+    "FederatedDataLoader",
     "local_worker",
     "FedwsError",
     "ProtocolError",

@@ -17,6 +17,7 @@ from torch import nn
 
 from .client.federation import Federation
 from .client.worker import Worker
+from .datasets import dataset_federate
 from .exceptions import PointerError
 from .pointers import (
     MultiPointerTensor,
@@ -268,6 +269,7 @@ def _install() -> None:
     nn.Module.copy = module_copy  # type: ignore[attr-defined]
     nn.Module.move = module_move  # type: ignore[attr-defined]
     nn.Module.location = property(module_location)  # type: ignore[attr-defined]
+    torch.utils.data.Dataset.federate = dataset_federate  # type: ignore[attr-defined]
     _installed = True
 
 

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -104,6 +105,10 @@ class NodeServer:
         for entry in config.data:
             tensor = load_tensor(entry)
             node.serve(new_id(), tensor, entry.tags, entry.description)
+
+    def add_dataset(self, dataset: Any, key: str, tags: Iterable[str] = (), description: str | None = None) -> None:
+        """Serve ``dataset`` under ``key``, as PySyft's ``server.add_dataset(dataset, key="mnist")``."""
+        self.worker.add_dataset(dataset, key, tags, description)
 
     @staticmethod
     def credentials(config: NodeConfig) -> Credentials:

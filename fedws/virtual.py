@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .client.worker import Worker, executing_on
+from .datasets import dataset_tensors
 from .node import Node
 from .node.policy import Caller
 from .protocol.codec import PointerRef
@@ -84,6 +85,15 @@ class VirtualWorker(Worker):
             return self.node.handle(frame, caller)
         finally:
             executing_on.reset(token)
+
+    def add_dataset(self, dataset: Any, key: str, tags: Iterable[str] = (), description: str | None = None) -> None:
+        """Serve ``dataset`` on this node under ``key`` (PySyft's ``server.add_dataset``).
+
+        Any local dataset of ``(data, target)`` pairs (``sy.BaseDataset``, ``TensorDataset``);
+        its transform runs here, once. See :meth:`fedws.node.Node.add_dataset`.
+        """
+        self.flush()
+        self.node.add_dataset(dataset_tensors(dataset), key, tags, description)
 
     def _arriving_pointer(self, ref: PointerRef) -> Any:
         return self.pointer_from_ref(ref)

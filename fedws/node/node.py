@@ -37,7 +37,7 @@ from ..exceptions import (
 from ..protocol import codec
 from ..protocol.codec import ObjRef, PointerRef
 from ..protocol.errors import error_from_wire, error_to_wire
-from ..protocol.ids import planned_result_ids
+from ..protocol.ids import new_id, planned_result_ids
 from ..protocol.messages import (
     FRAME_ERROR_SEQ,
     REQUESTS,
@@ -237,6 +237,39 @@ class Node:
             self.store.serve(obj_id, obj, tags, description)
         else:
             self.store.set(obj_id, obj, tags, description)
+
+    def add_dataset(
+        self, dataset: Any, key: str, tags: Any = (), description: str | None = None
+    ) -> tuple[int, int]:
+        """Serve a dataset: its features tagged ``#<key> #data``, its targets ``#<key> #target``.
+
+        A coordinator finds it by search (``sy.FederatedDataset.from_workers(workers, key)``)
+        and cuts batches of it on this node; under a private policy it is served data
+        (read-only, private) like the tensors of the node's config.
+
+        Args:
+            dataset: a ``(data, targets)`` pair of tensors, or an object with tensors
+                ``.data`` and ``.targets`` (``sy.BaseDataset``; its transform is not applied
+                here: ``VirtualWorker.add_dataset`` applies it first).
+            key: the dataset's name (``"mnist"``); ``"#mnist"`` is the same.
+            tags, description: more tags for both tensors, and a description.
+
+        Returns:
+            the ids of the data and targets tensors.
+        """
+        data, targets = dataset if isinstance(dataset, tuple) else (dataset.data, dataset.targets)
+        if not isinstance(data, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError("add_dataset needs tensors: (data, targets), or an object with .data and .targets")
+        if data.dim() == 0 or targets.dim() == 0 or len(data) != len(targets):
+            raise ValueError(f"data {tuple(data.shape)} and targets {tuple(targets.shape)} differ in length")
+        name = key.removeprefix("#")
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"dataset key {key!r} must be a non-empty word")
+        extra = {str(t) for t in tags}
+        ids = new_id(), new_id()
+        for obj_id, tensor, role in zip(ids, (data, targets), ("#data", "#target")):
+            self.serve(obj_id, tensor, {f"#{name}", role, *extra}, description or f"dataset {name}: {role[1:]}")
+        return ids
 
     # -- the interface ------------------------------------------------------------------
 
