@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..client.worker import Worker
 from ..exceptions import PointerError, RoundFailedError
 from ..pointers import PointerTensor
 from .aggregate import fedavg
 from .checkpoint import load_checkpoint, save_checkpoint
+from .progress import progress_bar
 from .config import FedAvgConfig
 from .evaluate import evaluate
 from .history import History, RoundMetrics
@@ -72,7 +72,7 @@ class FedAvg:
             receives an individual one. None: average on the coordinator.
         checkpoint_dir: save a checkpoint there after every round; ``fit(resume=True)``
             continues from it.
-        progress: show a tqdm bar; None shows it only when stderr is a terminal.
+        progress: show a tqdm bar; None shows it on a terminal and in a Jupyter notebook (a widget when ipywidgets is installed).
         on_round: called with each round's metrics (printing, early stopping by raising).
     """
 
@@ -135,7 +135,7 @@ class FedAvg:
                 first = ck.round + 1
                 log.info("resuming after round %d from %s", ck.round, self.checkpoint_dir)
         rounds = range(first, self.config.rounds + 1)
-        bar = tqdm(rounds, desc="fedavg", unit="round", disable=None if self.progress is None else not self.progress)
+        bar = progress_bar(rounds, show=self.progress, desc="fedavg", unit="round")
         with bar:
             for r in bar:
                 metrics = self.run_round(r)
