@@ -49,9 +49,12 @@ demo: $(STAMP)
 tutorial: $(STAMP)
 	$(PYTHON) examples/remote_tensors.py
 
-# Start the federation in workers/ in the background; PIDs go to workers/run/.
-workers: $(STAMP)
+# Start the federation in workers/ in the background; PIDs go to workers/run/. Safe to repeat:
+# running nodes are left alone (and say so), the data is prepared once.
+workers/data/manifest.json: $(STAMP)
 	$(PYTHON) examples/prepare_data.py
+
+workers: $(STAMP) workers/data/manifest.json
 	$(PYTHON) -m fedws up workers/alice.toml workers/bob.toml workers/charlie.toml --run-dir workers/run
 
 # Needs nothing installed: stopping nodes is plain Python (works even after `make clean`).

@@ -214,9 +214,8 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from .node_process import NodeServer, serve
-
     from .logs import configure
+    from .node_process import NodeServer, serve
 
     configure(args.log_level, fmt=args.log_format, default=logging.DEBUG if args.verbose else logging.INFO)
     cfg = _node_config(args)

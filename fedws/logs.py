@@ -64,13 +64,13 @@ def configure(
     levels: dict[str, int] = {"fedws": default}
     for spec in specs:
         for part in spec.split(","):
-            name, sep, level = part.rpartition("=")
+            name, sep, word = part.rpartition("=")
             if not sep:
-                levels["fedws"] = _level(level)
+                levels["fedws"] = _level(word)
             elif not name.strip():
                 raise ValueError(f"--log-level {part!r}: give LEVEL or logger=LEVEL")
             else:
-                levels[name.strip()] = _level(level)
+                levels[name.strip()] = _level(word)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger("fedws")
@@ -78,5 +78,5 @@ def configure(
         root.removeHandler(h)
     root.addHandler(handler)
     root.propagate = False
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)

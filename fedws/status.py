@@ -48,7 +48,7 @@ class NodeReport:
 
 
 def _request_blob() -> bytes:
-    env = msgpack.packb([_KIND_INFO, 1, "status"], use_bin_type=True)
+    env: bytes = msgpack.packb([_KIND_INFO, 1, "status"], use_bin_type=True)
     return _HEAD.pack(len(env), 0, 0) + env
 
 
@@ -66,7 +66,7 @@ def _parse_reply(frame: bytes) -> Any:
     watermark, values, errors = msgpack.unpackb(
         frame[_HEAD.size:], ext_hook=_no_ext, raw=False, strict_map_key=False
     )
-    for seq, err, *_ in errors:
+    for _seq, err, *_ in errors:
         if isinstance(err, dict):
             raise ValueError(f"{err.get('type', 'error')}: {err.get('message', '')}")
         raise ValueError(str(err)[:200])

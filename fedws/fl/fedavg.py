@@ -32,7 +32,6 @@ from ..exceptions import PointerError, RoundFailedError
 from ..pointers import PointerTensor
 from .aggregate import fedavg
 from .checkpoint import load_checkpoint, save_checkpoint
-from .progress import progress_bar
 from .config import FedAvgConfig
 from .evaluate import evaluate
 from .history import History, RoundMetrics
@@ -45,6 +44,7 @@ from .local_training import (
     find_data,
     start_local_training,
 )
+from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import sample_nodes
 from .trusted import connect_aggregator, start_trusted_average
