@@ -130,7 +130,8 @@ def _status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "principal without the 'status' permission only its own session's numbers. Exit code 1 "
         "when a node is down (a healthcheck).",
     )
-    p.add_argument("urls", nargs="*", metavar="URL", help="node URLs (ws://host:port or wss://...)")
+    p.add_argument("urls", nargs="*", metavar="URL",
+                   help="node URLs (ws://host:port or wss://...; default ws://127.0.0.1:8777)")
     p.add_argument("--config", type=Path, metavar="DIR",
                    help="read the node URLs from the node configs (*.toml) in DIR (or one file)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per node) for scripts")
