@@ -14,6 +14,11 @@
 4. trains the same model centrally on the pooled data, for comparison,
 5. prints both accuracies, writes ``examples/output/federated_demo.png``, stops the nodes.
 
+On nodes someone else started (``make workers``, or ``fedws worker`` on other machines)::
+
+    python examples/federated_demo.py --print-digest     # what their operators approve
+    python examples/federated_demo.py --nodes ws://host1:8777,ws://host2:8777 --token-file tok
+
 Options: ``--non-iid`` (each node sees mostly its own digits), ``--trusted`` (average on a
 trusted aggregator node: the coordinator receives only the averages), ``--virtual``
 (in-process VirtualWorkers loaded from the same configs instead of node processes).
@@ -91,7 +96,12 @@ def network_federation(
         for config in configs:
             # The operator's part: approve the one plan FedAvg runs, keep an audit log.
             audit = WORKERS / "run" / f"audit-{config.stem}.jsonl"
-            n = start_node(config, extra_args=["--approve-plan", approved, "--audit-log", str(audit)])
+            try:
+                n = start_node(config, extra_args=["--approve-plan", approved, "--audit-log", str(audit)])
+            except RuntimeError as exc:
+                last = [line for line in str(exc).splitlines() if line.strip()][-1]
+                raise SystemExit(f"federated_demo: cannot start {config.stem}: {last.strip()} — to train on "
+                                 "nodes already running, use --nodes URL,URL (see --help)") from None
             stack.callback(n.stop)
             nodes.append(n)
         for n in nodes:
@@ -105,6 +115,20 @@ def network_federation(
             print(f"  node {secure.id:<8} pid {secure.pid:<7} {secure.url} (aggregator)")
             aggregator = stack.enter_context(sy.connect(secure.url))
         yield workers, aggregator
+
+
+@contextlib.contextmanager
+def remote_federation(
+    urls: list[str], token: str | None
+) -> Iterator[tuple[list[sy.Worker], sy.Worker | None]]:
+    """Handles to nodes someone else started and runs (never stopped here)."""
+    with contextlib.ExitStack() as stack:
+        workers = []
+        for url in urls:
+            w = stack.enter_context(sy.connect(url, token))
+            print(f"  node {w.id:<8} {url}  (ping {w.ping() * 1000:.1f} ms)")
+            workers.append(w)
+        yield workers, None
 
 
 @contextlib.contextmanager
@@ -166,10 +190,12 @@ def plot(history: History, central: list[tuple[float, float]], path: Path, title
     rounds = [r.round for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(rounds, history.train_losses, "o-", label="FedAvg (mean local loss)")
-    ax_loss.plot(rounds, [c[0] for c in central], "s--", label="central")
+    if central:
+        ax_loss.plot(rounds, [c[0] for c in central], "s--", label="central")
     ax_loss.set(xlabel="round", ylabel="training loss", title="loss")
     ax_acc.plot(rounds, history.test_accuracies, "o-", label="FedAvg")
-    ax_acc.plot(rounds, [c[1] for c in central], "s--", label="central")
+    if central:
+        ax_acc.plot(rounds, [c[1] for c in central], "s--", label="central")
     ax_acc.set(xlabel="round", ylabel="test accuracy", title="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -191,16 +217,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--non-iid", action="store_true", help="shard with skewed label sets per node")
     parser.add_argument("--trusted", action="store_true", help="average on a trusted aggregator node")
     parser.add_argument("--virtual", action="store_true", help="in-process VirtualWorkers instead of node processes")
+    parser.add_argument("--nodes", metavar="URL,URL,...",
+                        help="train on these running nodes (their data tagged #digits #train) instead of starting any")
+    parser.add_argument("--token-file", type=Path, help="file holding the nodes' token (default: $FEDWS_TOKEN)")
+    parser.add_argument("--test-data", type=Path, default=DATA / "test.safetensors",
+                        help="held-out set (x, y) the coordinator scores on (default: workers/data/test.safetensors)")
+    parser.add_argument("--print-digest", action="store_true",
+                        help="print the training plan's digest (what the nodes' operators approve) and exit")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # a tiny model: extra threads only contend on a small machine
+    cfg = FedAvgConfig(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, min_nodes=2, round_timeout=60.0, data_tags=("#digits", "#train"))
+    if args.print_digest:
+        sy.TorchHook(torch)
+        print(plan_digest(args.seed, cfg))
+        return 0
+    if args.nodes:
+        return train_on_nodes(args, cfg)
     configs = ensure_data(args.non_iid, args.seed)
     sy.TorchHook(torch)  # the federation's hook: workers below join it
     test_tensors = load_file(str(DATA / "test.safetensors"))
     test = (test_tensors["x"], test_tensors["y"])
-    cfg = FedAvgConfig(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
-                       lr=args.lr, seed=args.seed, min_nodes=2, round_timeout=60.0, data_tags=("#digits", "#train"))
 
     mode = "virtual" if args.virtual else "network"
     if mode == "network":
@@ -249,6 +289,48 @@ def main(argv: list[str] | None = None) -> int:
     plot(history, central, out, f"FedAvg on {len(workers)} {mode} nodes ({shards}) vs central training")
     print(f"plot: {out.relative_to(ROOT)}")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def plan_digest(seed: int, cfg: FedAvgConfig) -> str:
+    """The digest of FedAvg's training-step plan for this model on digits shards (64 float32
+    features, int64 labels): what a node's operator approves (``--approve-plan``)."""
+    return training_plan_digest(make_model(seed), cfg, x_like=((64,), torch.float32), y_like=((), torch.int64))
+
+
+def train_on_nodes(args: argparse.Namespace, cfg: FedAvgConfig) -> int:
+    """FedAvg on running nodes: connect, train, report; nothing is started or stopped here."""
+    urls = [u.strip() for u in args.nodes.split(",") if u.strip()]
+    if len(urls) < cfg.min_nodes:
+        print(f"federated_demo: --nodes needs at least {cfg.min_nodes} URLs, got {len(urls)}", file=sys.stderr)
+        return 2
+    try:
+        token = args.token_file.read_text().strip() if args.token_file else os.environ.get("FEDWS_TOKEN")
+        test_tensors = load_file(str(args.test_data))
+    except OSError as exc:
+        hint = " (run `python examples/prepare_data.py`, or give --test-data)" if not args.token_file else ""
+        print(f"federated_demo: {exc.strerror or exc}: {exc.filename}{hint}", file=sys.stderr)
+        return 2
+    test = (test_tensors["x"], test_tensors["y"])
+    sy.TorchHook(torch)
+    print(f"training on {len(urls)} running nodes; their operators approve the plan "
+          f"{plan_digest(args.seed, cfg)[:16]}... (--print-digest)")
+
+    def report(m: RoundMetrics) -> None:
+        print(f"round {m.round:2d}/{cfg.rounds}  train loss {m.train_loss:.4f}  test acc {m.test_accuracy:.3f}"
+              f"  nodes {','.join(m.nodes)}  ({m.seconds:.2f} s)")
+
+    try:
+        with remote_federation(urls, token) as (workers, _):
+            history = FedAvg(make_model(args.seed), workers, cfg, test_data=test, on_round=report).fit()
+    except (sy.FedwsError, ValueError) as exc:
+        print(f"federated_demo: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"test accuracy after {cfg.rounds} rounds: {history[-1].test_accuracy:.3f}")
+    if not args.no_plot:
+        out = OUTPUT / "federated_demo_nodes.png"
+        plot(history, [], out, f"FedAvg on {len(urls)} running nodes")
+        print(f"plot: {out}")
     return 0
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -76,7 +77,13 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="free a session's objects this long after its last connection closed, unless it "
         "reconnects first or made them durable (ptr.persist()); default 300",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging: debug lines of every fedws logger")
+    p.add_argument(
+        "--log-level", action="append", default=[], metavar="[LOGGER=]LEVEL",
+        help="log level (default INFO: one line per connection, plan run, release, refusal), or one "
+        "logger's: --log-level fedws.node=DEBUG (repeatable)",
+    )
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -114,6 +121,52 @@ def run_plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "status",
+        help="show the nodes of a federation: up/down, latency, what they hold",
+        description="A table of nodes: id, URL, up/down, latency, version, principals connected, "
+        "objects and bytes held, memory budget used, plans stored, uptime. A private node shows a "
+        "principal without the 'status' permission only its own session's numbers. Exit code 1 "
+        "when a node is down (a healthcheck).",
+    )
+    p.add_argument("urls", nargs="*", metavar="URL",
+                   help="node URLs (ws://host:port or wss://...; default ws://127.0.0.1:8777)")
+    p.add_argument("--config", type=Path, metavar="DIR",
+                   help="read the node URLs from the node configs (*.toml) in DIR (or one file)")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per node) for scripts")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    p.add_argument("--token-file", type=Path, help="file holding the token (default: $FEDWS_TOKEN)")
+    p.add_argument("--cafile", help="certificate (or CA) a wss:// node must present")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each node (default 5)")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import time
+
+    from .status import format_table, query_all, read_token, to_json, urls_from_configs
+
+    urls = list(args.urls)
+    token = read_token(args.token_file)
+    if args.config is not None:
+        found, config_token = urls_from_configs(args.config)
+        urls += found
+        token = token or config_token
+    if not urls:
+        urls = ["ws://127.0.0.1:8777"]
+    if args.watch is not None and not 0 < args.watch < float("inf"):
+        raise ValueError("--watch takes a number of seconds > 0")
+    while True:
+        reports = query_all(urls, token, timeout=args.timeout, cafile=args.cafile)
+        text = to_json(reports) if args.json else format_table(reports)
+        if args.watch is None:
+            print(text)
+            return 0 if all(r.up for r in reports) else 1
+        print(f"\x1b[2J\x1b[H{time.strftime('%H:%M:%S')}  fedws status (every {args.watch:g} s, Ctrl-C stops)\n"
+              + text, flush=True)
+        time.sleep(args.watch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedws",
@@ -124,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _up_parser(sub)
     _plan_parser(sub)
+    _status_parser(sub)
     return parser
 
 
@@ -161,10 +215,10 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from .logs import configure
     from .node_process import NodeServer, serve
 
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure(args.log_level, fmt=args.log_format, default=logging.DEBUG if args.verbose else logging.INFO)
     cfg = _node_config(args)
     if cfg.threads:
         import torch
@@ -185,26 +239,45 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         serve(server, ready=ready)
     except OSError as exc:
-        raise SystemExit(f"fedws worker: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (f" (a node may already run there: `fedws status ws://{cfg.host}:{cfg.port}`; stop it, e.g. "
+                    "`make workers-stop`, or choose another --port)")
+        print(f"fedws worker: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}{hint}",
+              file=sys.stderr)
+        return 2
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error the user can fix is one line on stderr, exit code 2."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"fedws {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "worker":
         return run_worker(args)
     if args.command == "plan":
         return run_plan_command(args)
+    if args.command == "status":
+        return run_status(args)
     from .launch import down, up
 
     if args.command == "up":
-        nodes = up(args.configs, args.run_dir)
-        for n in nodes:
-            print(f"{n.id}\t{n.url}\tpid {n.pid}")
+        for n in up(args.configs, args.run_dir):
+            note = "  (already running)" if n.already_running else ""
+            print(f"{n.id}\t{n.url}\tpid {n.pid}{note}")
         return 0
     if args.command == "down":
         stopped = down(args.run_dir)
-        print(f"stopped {stopped} node(s)")
+        print(f"stopped {stopped} node(s)" if stopped else f"no node was running (nothing in {args.run_dir})")
         return 0
     return 2
 

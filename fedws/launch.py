@@ -28,6 +28,7 @@ class NodeProcess:
     url: str
     pid: int
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
+    already_running: bool = False  # ``up`` found it running (its PID file and process)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit within ``timeout``."""
@@ -145,25 +146,91 @@ def _terminate_pid(pid: int, timeout: float) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _config_id(config: Path) -> str | None:
+    """The ``id`` of a node config, read without loading the node (None: not readable)."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(Path(config).read_text()).get("id")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _is_fedws_node(pid: int) -> bool:
+    """Whether ``pid`` is alive and (where /proc tells) a fedws process, not a reused PID."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's: not ours to stop
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return b"fedws" in cmdline.read_bytes()
+        except OSError:
+            return False
+    return True
+
+
+def _read_pid_file(pid_file: Path) -> tuple[int, str] | None:
+    try:
+        words = pid_file.read_text().split()
+        return int(words[0]), (words[1] if len(words) > 1 else "?")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def up(configs: Sequence[Path], run_dir: Path) -> list[NodeProcess]:
-    """Start nodes detached from this process; record ``<id>.pid`` files in ``run_dir``."""
+    """Start nodes detached from this process; record ``<id>.pid`` files in ``run_dir``.
+
+    Idempotent: a node whose PID file names a live fedws process is left alone and returned
+    with ``already_running``; a stale PID file is replaced.
+
+    Raises:
+        RuntimeError: a node did not start; one line with its last words (e.g. the port
+            is taken) and where its log is. Nodes started before it keep running.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     nodes = []
     for cfg in configs:
+        node_id = _config_id(cfg)
+        pid_file = run_dir / f"{node_id}.pid"
+        recorded = _read_pid_file(pid_file) if node_id is not None else None
+        if recorded is not None and _is_fedws_node(recorded[0]):
+            nodes.append(NodeProcess(node_id or "?", recorded[1], recorded[0], already_running=True))
+            continue
         log = run_dir / f"{Path(cfg).stem}.log"
-        node = start_node(cfg, log_file=log)
+        try:
+            node = start_node(cfg, log_file=log)
+        except RuntimeError:
+            raise RuntimeError(f"{cfg}: {_last_line(log)} (log: {log})") from None
         (run_dir / f"{node.id}.pid").write_text(f"{node.pid}\n{node.url}\n")
         node.process = None  # let it outlive us; `down` stops it by PID
         nodes.append(node)
     return nodes
 
 
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return lines[-1].strip() if lines else "the node exited before it listened"
+
+
 def down(run_dir: Path) -> int:
-    """Stop every node whose PID file is in ``run_dir``; returns how many were stopped."""
+    """Stop every node whose PID file is in ``run_dir``; returns how many were stopped.
+
+    Always cleans up: every PID file goes, whether its node was running, already gone, or
+    the file is unreadable; a PID that is no longer a fedws process is not signalled.
+    """
     count = 0
     for pid_file in sorted(run_dir.glob("*.pid")):
-        pid = int(pid_file.read_text().split()[0])
-        _terminate_pid(pid, 10.0)
-        pid_file.unlink()
-        count += 1
+        recorded = _read_pid_file(pid_file)
+        if recorded is not None and _is_fedws_node(recorded[0]):
+            _terminate_pid(recorded[0], 10.0)
+            count += 1
+        pid_file.unlink(missing_ok=True)
     return count

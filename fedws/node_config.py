@@ -267,7 +267,9 @@ def load_config(path: str | Path) -> NodeConfig:
     try:
         raw: dict[str, Any] = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"node config {path} does not exist") from None
+        raise ValueError(f"node config {path} does not exist (see workers/*.toml for examples)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"node config {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"node config {path} is not valid TOML: {exc}") from None
     unknown = set(raw) - _KEYS
@@ -347,7 +349,10 @@ def load_tensor(entry: DataEntry) -> torch.Tensor:
     """Load one data entry; only .safetensors and .npy are accepted."""
     suffix = entry.file.suffix.lower()
     if not entry.file.exists():
-        raise ValueError(f"data file {entry.file} does not exist")
+        raise ValueError(
+            f"data file {entry.file} does not exist: for the example federation in workers/ run "
+            "`make workers` (or `python examples/prepare_data.py`); otherwise fix 'file' in the config"
+        )
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -86,6 +86,7 @@ class NodeServer:
         # sessions whose last connection closed (a reconnect within the grace cancels it).
         self._connections: dict[tuple[str, str], int] = {}
         self._ending: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        node.connections = self.connections
         self.server = FrameServer(
             config.id,
             self._handle,
@@ -110,6 +111,13 @@ class NodeServer:
         """Serve ``dataset`` under ``key``, as PySyft's ``server.add_dataset(dataset, key="mnist")``."""
         self.worker.add_dataset(dataset, key, tags, description)
 
+    def connections(self) -> dict[str, int]:
+        """Principal -> open connections (for ``INFO "status"``)."""
+        out: dict[str, int] = {}
+        for (principal, _), n in list(self._connections.items()):
+            out[principal] = out.get(principal, 0) + n
+        return out
+
     @staticmethod
     def credentials(config: NodeConfig) -> Credentials:
         """The tokens the node accepts: ``[[tokens]]`` entries, plus ``token`` as ``"default"``."""
@@ -130,6 +138,8 @@ class NodeServer:
         self._connections[key] = self._connections.get(key, 0) + 1
         caller = node.caller(principal, session, address)
         node.audit.connected(caller)
+        log.info("node %s: %s connected from %s (session %s)", self.config.id, principal, address or "?",
+                 session[:8], extra={"event": "connect", "principal": principal, "address": address})
         handle_frame = self.worker.handle_frame
 
         def handle(frame: bytes | bytearray | memoryview) -> Chunks:
@@ -150,6 +160,7 @@ class NodeServer:
         the end of a session never race a reconnect.
         """
         key = (principal, session)
+        log.debug("node %s: %s disconnected (session %s)", self.config.id, principal, session[:8])
         left = self._connections.get(key, 0) - 1
         if left > 0:
             self._connections[key] = left
@@ -255,9 +266,12 @@ class NodeServer:
         """Run until :meth:`stop`, SIGINT or SIGTERM, then close connections cleanly."""
         self.install_signal_handlers()
         await self._stopped.wait()
+        log.info("node %s: stopping (up %.0f s, %d connection(s) open)", self.config.id,
+                 self.worker.node.started.uptime(), sum(self._connections.values()))
         await self.server.aclose()
         for peer in list(self.worker.peers.values()):
             peer.close()
+        log.info("node %s: stopped", self.config.id, extra={"event": "stop"})
 
 
 def _tls(entry: PeerEntry) -> ssl.SSLContext | None:

@@ -37,6 +37,8 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.launch", 6, "top"),
     ("fedws.cli", 6, "top"),
     ("fedws.plan_admin", 6, "top"),
+    ("fedws.status", 6, "top"),
+    ("fedws.logs", 6, "top"),
     ("fedws.__main__", 6, "top"),
     ("fedws", 6, "top"),
 ]

@@ -63,7 +63,9 @@ def test_top_level_names_are_the_public_names_of_their_modules() -> None:
 
     tree = ast.parse(Path(fedws.__file__).read_text())
     imported: dict[str, str] = {}
-    for node in tree.body:
+    # Eager imports, and the TYPE_CHECKING block naming what ``fedws.__getattr__`` loads lazily.
+    body = [n for top in tree.body for n in (top.body if isinstance(top, ast.If) else [top])]
+    for node in body:
         if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
             for alias in node.names:
                 imported[alias.asname or alias.name] = f"fedws.{node.module}"
@@ -72,6 +74,8 @@ def test_top_level_names_are_the_public_names_of_their_modules() -> None:
     assert exported == set(imported), (exported ^ set(imported))
     for name, module in imported.items():
         assert name in importlib.import_module(module).__all__, f"{module} does not declare {name} public"
+    lazy = {n: f"fedws.{m}" for n, m in fedws._LAZY.items()}
+    assert lazy == {n: m for n, m in imported.items() if m != "fedws.exceptions"}, "_LAZY and TYPE_CHECKING differ"
     exceptions = importlib.import_module("fedws.exceptions")
     assert set(exceptions.__all__) <= exported, "every error class is reachable as sy.<Name>"
 

@@ -9,6 +9,7 @@ move: that is the link's whole job.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from contextvars import ContextVar
@@ -23,6 +24,7 @@ from ..transport.io_thread import wait
 from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
 from .session import Session
+from .status import NodeStatus
 
 __all__ = [
     "Worker",
@@ -323,9 +325,17 @@ class Worker:
         """Same as :meth:`clear_objects_remote` (the seed's name); returns the worker."""
         return self.clear_objects_remote()
 
-    def ping(self, timeout: float | None = None) -> None:
-        """Round trip to the node; also a barrier for every command sent before it."""
+    def ping(self, timeout: float | None = None) -> float:
+        """Round trip to the node, in seconds; also a barrier for every command sent before it."""
+        start = time.perf_counter()
         self.request(Kind.PING, timeout=timeout)
+        return time.perf_counter() - start
+
+    def info(self, timeout: float | None = None) -> NodeStatus:
+        """The node's status (what ``fedws status`` shows); a private node shows a
+        principal without the ``status`` permission only its own session's numbers."""
+        url = getattr(self, "address", None)
+        return NodeStatus.from_wire(self.request(Kind.INFO, "status", timeout=timeout), url=url)
 
     def add_worker(self, worker: Worker) -> Worker:
         """Tell this node where ``worker`` is, so pointers between them can be followed."""

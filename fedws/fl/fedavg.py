@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..client.worker import Worker
 from ..exceptions import PointerError, RoundFailedError
@@ -45,6 +44,7 @@ from .local_training import (
     find_data,
     start_local_training,
 )
+from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import sample_nodes
 from .trusted import connect_aggregator, start_trusted_average
@@ -72,7 +72,7 @@ class FedAvg:
             receives an individual one. None: average on the coordinator.
         checkpoint_dir: save a checkpoint there after every round; ``fit(resume=True)``
             continues from it.
-        progress: show a tqdm bar; None shows it only when stderr is a terminal.
+        progress: show a tqdm bar; None shows it on a terminal and in a Jupyter notebook (a widget when ipywidgets is installed).
         on_round: called with each round's metrics (printing, early stopping by raising).
     """
 
@@ -135,7 +135,7 @@ class FedAvg:
                 first = ck.round + 1
                 log.info("resuming after round %d from %s", ck.round, self.checkpoint_dir)
         rounds = range(first, self.config.rounds + 1)
-        bar = tqdm(rounds, desc="fedavg", unit="round", disable=None if self.progress is None else not self.progress)
+        bar = progress_bar(rounds, show=self.progress, desc="fedavg", unit="round")
         with bar:
             for r in bar:
                 metrics = self.run_round(r)

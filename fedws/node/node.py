@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,7 @@ from .policy import (
     storage_key,
     written_args,
 )
+from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore
 
 __all__ = ["Node"]
@@ -99,6 +101,7 @@ _PERMISSION_TEXT = {
     "plans": "store or run plans",
     "dp": "take differentially private releases",
     "peers": "make this node link to its peers",
+    "status": "see the whole node's status",
 }
 
 
@@ -135,6 +138,9 @@ class Node:
         self.pointer_factory = pointer_factory
         self.add_peer = add_peer
         self.audit = Audit(id)
+        self.started = Started()
+        # principal -> open connections, given by the runtime that has them (INFO "status").
+        self.connections: Callable[[], dict[str, int]] | None = None
         self._frame = threading.local()
         self._callers: dict[tuple[str, str], Caller] = {}
         self._callers_lock = threading.Lock()
@@ -317,6 +323,8 @@ class Node:
                 errors.append([seq, *self._describe_failure(exc, kind, fields)])
                 if isinstance(exc, PermissionDeniedError):
                     self.audit.refused(state.caller, kind.name, str(exc), exc.obj_id)
+                    log.warning("node %s: refused %s of %s: %s", self.id, kind.name, _who(state.caller), exc,
+                                extra={"event": "refuse", "principal": state.caller.principal})
                 continue
             if out is not _NO_VALUE:
                 values.append([seq, out])
@@ -489,8 +497,16 @@ class Node:
             return [_describe(e) for e in self.store.entries()]
         if what == "nbytes":
             return self.store.nbytes
+        if what == "status":
+            return self._status(None)
         assert what == "meta" and req.obj_id is not None  # Info.parse admits nothing else
         return _meta(self.store.get(req.obj_id))
+
+    def _status(self, caller: Caller | None) -> dict[str, Any]:
+        return node_status(
+            self.id, self.store, self.policy, caller=caller, started=self.started,
+            budget=self.budget.limit, connections=self.connections,
+        )
 
     def _clear(self, req: Clear) -> Any:
         self.store.clear()
@@ -510,10 +526,14 @@ class Node:
         return _NO_VALUE
 
     def _run_plan(self, req: RunPlan) -> Any:
+        started = time.perf_counter()
         run_plan(
             self.store, req, resolve_args=self.resolve_args, resolver=self.resolve_op, worker=self.id,
             guard=self.budget.plan_guard(self.store.nbytes),
         )
+        ms = (time.perf_counter() - started) * 1000
+        log.info("node %s: plan %d ran in %.1f ms", self.id, req.plan_id, ms,
+                 extra={"event": "run_plan", "plan": req.plan_id, "ms": round(ms, 3)})
         return _NO_VALUE
 
     def _store_plan(self, req: StorePlan) -> Any:
@@ -702,6 +722,8 @@ class Node:
             rule, extra = "dp", {"epsilon": round(eps, 6), "delta": dp.delta}
         if self.audit.enabled:
             self.audit.released(caller, obj_id, _nbytes(value), rule, **extra)
+        log.info("node %s: released object %d (%d bytes, %s) to %s", self.id, obj_id, _nbytes(value), rule,
+                 _who(caller), extra={"event": "release", "principal": caller.principal, "bytes": _nbytes(value)})
         return self._finish_get(req, _plan_wire(value))
 
     def _delete_checked(self, req: Delete) -> Any:
@@ -742,6 +764,8 @@ class Node:
             return [_describe(e) for e in store.entries(visible)]
         if what == "nbytes":
             return store.nbytes
+        if what == "status":
+            return self._status(caller)
         assert req.obj_id is not None
         obj_id = req.obj_id
         if obj_id in store.objects and not self._may_use(obj_id, caller):
@@ -788,10 +812,14 @@ class Node:
         snapshot = None
         if tainted and not released:
             snapshot = self._snapshot(refs, any(op.name in BACKWARD_OPS for op in code.ops))
+        started = time.perf_counter()
         outputs = execute(
             code, inputs, stored.state, self._guarded_op, worker=self.id,
             guard=self.budget.plan_guard(self.store.nbytes),
         )
+        ms = (time.perf_counter() - started) * 1000
+        log.info("node %s: plan %r sha256 %s ran for %s in %.1f ms", self.id, code.name, stored.digest, _who(caller),
+                 ms, extra={"event": "run_plan", "plan": stored.digest, "ms": round(ms, 3)})
         private = tainted and not released
         for rid, value in zip(req.result_ids, outputs):
             store.set(rid, value, owner=caller, private=private)
@@ -937,6 +965,11 @@ class Node:
                     raise self._not_yours(obj_id)
                 store.get(obj_id)  # raises ObjectNotFoundError
             store.durable.add(obj_id)
+
+
+def _who(caller: Caller) -> str:
+    """``principal/session`` as log lines name a caller (the first 8 digits of the session)."""
+    return f"{caller.principal}/{caller.session[:8]}"
 
 
 def _nbytes(value: Any) -> int:

@@ -72,7 +72,7 @@ class Kind(IntEnum):
     GET = 3  # id, remove[, release] — return a value (and remove it); release "dp": a DP copy
     DELETE = 4  # ids — forget objects; missing ids are ignored
     SEARCH = 5  # terms — ids and metadata of objects matching every term (tag, id or description text)
-    INFO = 6  # what — "count" | "list" | "nbytes" | "meta" (+ id)
+    INFO = 6  # what — "count" | "list" | "nbytes" | "status" | "meta" (+ id)
     CLEAR = 7  # — forget every object
     RUN_PLAN = 8  # plan_id, args, result_ids — run a stored plan
     ADD_PEER = 9  # worker_id, address — tell the node where another node is
@@ -103,7 +103,7 @@ MAX_DESCRIPTION_CHARS = 16384
 RELEASE_MODES = frozenset({"dp"})
 
 # What an INFO request may ask.
-INFO_WHATS = frozenset({"count", "list", "nbytes", "meta"})
+INFO_WHATS = frozenset({"count", "list", "nbytes", "meta", "status"})
 
 
 class Blame(NamedTuple):
