@@ -46,9 +46,9 @@ if TYPE_CHECKING:
     from .client.websocket_worker import WebsocketClientWorker
     from .client.worker import Worker
     from .connecting import connect, connect_async
-    from .hook import TorchHook
     from .datasets import BaseDataset, FederatedDataLoader, FederatedDataset
     from .grid import PrivateGridNetwork
+    from .hook import TorchHook
     from .plans import MultiPointerPlan, Plan, PointerPlan, PointerProtocol, Protocol, State, func2plan
     from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
     from .sandbox import create_sandbox, make_hook
