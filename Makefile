@@ -16,7 +16,7 @@ PIP = $(PYTHON) -m pip
 TORCH_PIN = torch==2.13.0
 STAMP = $(if $(PYTHON_DEP),$(VENV)/.fedws-installed,.make-installed)
 
-.PHONY: install test lint types demo tutorial bench workers workers-stop coverage clean fuzz notebook
+.PHONY: install test lint types demo tutorial bench workers workers-stop coverage clean fuzz notebook docs
 
 $(VENV)/bin/python:
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ $(VENV)/bin/python:
 # The pinned CPU torch goes first: a bare `torch` requirement would pull CUDA wheels.
 $(STAMP): pyproject.toml $(PYTHON_DEP)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test,demo,dev,dp]"
+	$(PIP) install -q -e ".[test,demo,dev,dp,docs,sandbox]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -68,6 +68,10 @@ bench: $(STAMP)
 notebook: $(STAMP)
 	$(PIP) install -q -e ".[notebook]"
 	$(PYTHON) -m jupyter notebook examples/
+
+# The documentation site (docs/, mkdocs.yml); warnings are errors, as in tests/deploy.
+docs: $(STAMP)
+	$(PYTHON) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf .make-installed $(VENV)/.fedws-installed .pytest_cache .mypy_cache .ruff_cache build *.egg-info
