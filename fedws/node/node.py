@@ -83,6 +83,7 @@ from .policy import (
     storage_key,
     written_args,
 )
+from .random_shares import node_ops as smpc_ops
 from .store import Entry, Failure, ObjectStore
 
 __all__ = ["Node"]
@@ -96,6 +97,7 @@ _PERMISSION_TEXT = {
     "plans": "store or run plans",
     "dp": "take differentially private releases",
     "peers": "make this node link to its peers",
+    "smpc": "draw secret shares or Beaver triples (secure computation)",
 }
 
 
@@ -170,6 +172,7 @@ class Node:
             "fedws.share": self._share,
             "fedws.persist": self._persist,
         }
+        self.fedws_ops.update(smpc_ops(self))
         self.policy = policy or Policy()
 
     # -- policy ---------------------------------------------------------------------------

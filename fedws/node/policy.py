@@ -142,13 +142,14 @@ class Policy:
         return self.mode == PRIVATE
 
 
-PERMISSIONS = frozenset({"compute", "plans", "dp", "peers"})
+PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "smpc"})
 """What an operator grants a principal (``[[tokens]] may = [...]``):
 
 - ``compute``: use the data the node serves in commands and plans;
 - ``plans``: store and run plans (an approved plan is the way its outputs leave);
 - ``dp``: take differentially private releases (charged to its own budget);
 - ``peers``: make the node link to a listed peer (pointer chains, move).
+- ``smpc``: draw secret shares and Beaver triples (``fedws.smpc.*``, secure computation).
 
 A principal's own objects are always its own to compute on, read and delete.
 """

@@ -1,0 +1,59 @@
+"""The torch methods of secure computation: ``Tensor.fix_precision/fix_prec/share``.
+
+:func:`install` adds them to ``torch.Tensor`` (``fedws.hook`` calls it with the rest of
+its patching); they apply to pointers too, which are tensors: ``ptr.fix_precision()``
+encodes on the worker, ``ptr.share(...)`` splits there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..client.worker import Worker
+from ..exceptions import SMPCError
+from ..pointers import PointerTensor
+from .additive import AdditiveSharingTensor, PointerToShared
+from .fixed_precision import BASE, PRECISION_FRACTIONAL, FixedPrecisionTensor
+
+__all__ = ["install", "fix_precision", "share"]
+
+
+def fix_precision(
+    tensor: torch.Tensor, base: int = BASE, precision_fractional: int = PRECISION_FRACTIONAL, **_: Any
+) -> FixedPrecisionTensor:
+    """``x.fix_precision()``: encode as integers (``round(x * base**precision_fractional)``)."""
+    return FixedPrecisionTensor.from_tensor(tensor, base, precision_fractional)
+
+
+def share(tensor: torch.Tensor, *owners: Worker, crypto_provider: Worker | None = None, **_: Any) -> Any:
+    """``x.share(bob, alice, crypto_provider=carol)``: additive shares of an integer tensor.
+
+    A local tensor is split here, from the OS CSPRNG; a pointer's data is split on its
+    worker (a :class:`PointerToShared` is returned). Floats must be ``fix_precision()``-ed.
+
+    Raises:
+        SMPCError: a float tensor, or parties that could reconstruct alone.
+    """
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise SMPCError(f"share() of a {tensor.dtype} tensor: call fix_precision() first (shares are int64)")
+    if isinstance(tensor, PointerTensor):
+        if tensor._dtype() != torch.int64:
+            tensor = tensor.long()
+        return PointerToShared(AdditiveSharingTensor.from_pointer(tensor, owners, crypto_provider), tensor.location)
+    return AdditiveSharingTensor.from_tensor(tensor.long(), owners, crypto_provider)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Add the methods to ``torch.Tensor`` (once)."""
+    global _installed
+    if _installed:
+        return
+    torch.Tensor.fix_precision = fix_precision  # type: ignore[attr-defined]
+    torch.Tensor.fix_prec = fix_precision  # type: ignore[attr-defined]
+    torch.Tensor.share = share  # type: ignore[attr-defined]
+    _installed = True
