@@ -38,6 +38,7 @@ from .exceptions import (
     ProtocolError,
     RemoteError,
     RoundFailedError,
+    SMPCError,
     StoreFullError,
     WrongThreadError,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "FedwsTimeoutError",
     "WrongThreadError",
     "RoundFailedError",
+    "SMPCError",
 ]
 
 
