@@ -298,13 +298,13 @@ class AdditiveSharingTensor:
 
     def _no_comparison(self, *_: Any) -> Any:
         raise SMPCError(
-            "comparisons of shared values (>, <, >=, <=, ==) are not supported yet: PySyft 0.2 used "
+            "comparisons of shared values (>, <, >=, <=, ==, max, relu) are not supported yet: PySyft 0.2 used "
             "SecureNN's private compare, which fedws does not implement; get() the values (if you "
             "may) or compare before sharing"
         )
 
     __gt__ = __lt__ = __ge__ = __le__ = _no_comparison
-    gt = lt = ge = le = eq = _no_comparison
+    gt = lt = ge = le = eq = max = min = argmax = argmin = relu = _no_comparison
 
     def __eq__(self, other: object) -> Any:
         return self._no_comparison()

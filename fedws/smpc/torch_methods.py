@@ -56,4 +56,11 @@ def install() -> None:
     torch.Tensor.fix_precision = fix_precision  # type: ignore[attr-defined]
     torch.Tensor.fix_prec = fix_precision  # type: ignore[attr-defined]
     torch.Tensor.share = share  # type: ignore[attr-defined]
+    if not hasattr(torch.Tensor, "copy"):  # PySyft's x.copy(), which Part 10 calls on pointers
+        torch.Tensor.copy = _copy  # type: ignore[attr-defined]
     _installed = True
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``x.copy()``: a clone (made on the worker for a pointer), unless fedws has its own."""
+    return tensor.clone()
