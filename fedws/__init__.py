@@ -45,6 +45,7 @@ from .exceptions import (
 from .hook import TorchHook
 from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
+from .smpc import AdditiveSharingTensor, FixedPrecisionTensor
 from .version import __version__ as __version__
 from .virtual import VirtualWorker
 
@@ -59,6 +60,8 @@ __all__ = [
     "PointerTensor",
     "PointerParameter",
     "MultiPointerTensor",
+    "AdditiveSharingTensor",
+    "FixedPrecisionTensor",
     "func2plan",
     "Plan",
     "PointerPlan",

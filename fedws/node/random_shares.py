@@ -23,14 +23,11 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .node import Node
-
-__all__ = ["MAX_PARTIES", "MAX_ELEMENTS", "MAX_RANK", "random_ring", "split", "triple", "node_ops"]
+__all__ = ["MAX_PARTIES", "MAX_ELEMENTS", "MAX_RANK", "random_ring", "split", "triple", "triple_shapes", "node_ops"]
 
 MAX_PARTIES = 16
 """Most shares one command makes."""
@@ -113,8 +110,9 @@ def triple(kind: str, shape_a: Any, shape_b: Any, n: int) -> list[torch.Tensor]:
     return split(a, n) + split(b, n) + split(c, n)
 
 
-def node_ops(node: Node) -> dict[str, Callable[..., Any]]:
-    """The two commands as ``node.fedws_ops`` entries: permission and budget checked first."""
+def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
+    """The two commands as ``node.fedws_ops`` entries of ``node`` (a :class:`~fedws.node.Node`,
+    untyped here so this module does not import it back): permission and budget checked first."""
 
     def check(n: int, elements: int, op: str) -> None:
         if node.enforce:

@@ -35,6 +35,7 @@ from ..exceptions import SMPCError
 from ..pointers import PointerTensor
 from ..pointers.tensor import learn_shape
 from ..protocol.codec import ObjRef
+from .beaver import beaver_product
 from .ring import gather, remote_results, send_public, split_local
 
 __all__ = ["AdditiveSharingTensor", "PointerToShared", "check_parties"]
@@ -87,8 +88,12 @@ class AdditiveSharingTensor:
         tensor([626])
     """
 
-    def __init__(self, shares: Sequence[PointerTensor], crypto_provider: Worker | None = None) -> None:
-        self.shares = list(shares)
+    def __init__(self, shares: Sequence[torch.Tensor], crypto_provider: Worker | None = None) -> None:
+        self.shares: list[PointerTensor] = []
+        for s in shares:
+            if not isinstance(s, PointerTensor):
+                raise TypeError(f"a share is a pointer to a worker's tensor, not {type(s).__name__}")
+            self.shares.append(s)
         self.crypto_provider = crypto_provider
         check_parties([s.location for s in self.shares], crypto_provider)
 
@@ -158,7 +163,7 @@ class AdditiveSharingTensor:
 
     # -- linear operations: each party on its own share ----------------------------------------
 
-    def _same(self, shares: list[PointerTensor]) -> AdditiveSharingTensor:
+    def _same(self, shares: Sequence[torch.Tensor]) -> AdditiveSharingTensor:
         return AdditiveSharingTensor(shares, self.crypto_provider)
 
     def _provider(self, other: AdditiveSharingTensor) -> Worker | None:
@@ -182,7 +187,7 @@ class AdditiveSharingTensor:
             return send_public(value.to(torch.int64), worker)
         return _ring_int(value)
 
-    def _each(self, fn: Callable[[PointerTensor], PointerTensor]) -> AdditiveSharingTensor:
+    def _each(self, fn: Callable[[PointerTensor], torch.Tensor]) -> AdditiveSharingTensor:
         return self._same([fn(s) for s in self.shares])
 
     def __add__(self, other: Any) -> AdditiveSharingTensor:
@@ -207,22 +212,32 @@ class AdditiveSharingTensor:
         return NotImplemented
 
     def __rsub__(self, other: Any) -> AdditiveSharingTensor:
-        return (-self) + other
+        return (-self).__add__(other)
 
-    def _broadcast_rest(self, first: PointerTensor) -> list[PointerTensor]:
+    def _broadcast_rest(self, first: torch.Tensor) -> list[torch.Tensor]:
         """Copies of the other parties' shares (a result never aliases an operand's share:
         getting one would free the other), expanded if a public operand broadcast the first."""
-        shape = tuple(first.shape) if first.signature is not None else None
+        shape = tuple(first.shape) if isinstance(first, PointerTensor) and first.signature is not None else None
         rest = self.shares[1:]
         if shape is None or all(tuple(s.shape) == shape for s in rest):
             return [s.clone() for s in rest]
         return [s.expand(shape).clone() for s in rest]
 
+    def _product(self, other: AdditiveSharingTensor, kind: str) -> AdditiveSharingTensor:
+        """A Beaver product (:mod:`.beaver`) with the crypto provider's triple."""
+        pairs = self._aligned(other)
+        provider = self._provider(other)
+        if provider is None:
+            raise SMPCError(
+                "multiplying two shared values needs a crypto provider: "
+                "share(..., crypto_provider=worker) (a worker that is not a party)"
+            )
+        shares = beaver_product([x for x, _ in pairs], [y for _, y in pairs], provider, kind)
+        return AdditiveSharingTensor(shares, provider)
+
     def __mul__(self, other: Any) -> AdditiveSharingTensor:
         if isinstance(other, AdditiveSharingTensor):
-            from .beaver import beaver_product
-
-            return beaver_product(self, other, "mul")
+            return self._product(other, "mul")
         if isinstance(other, (int, torch.Tensor)) and not isinstance(other, bool):
             return self._same([s * self._public_on(other, s.location) for s in self.shares])
         return NotImplemented
@@ -230,14 +245,12 @@ class AdditiveSharingTensor:
     __rmul__ = __mul__
 
     def mul(self, other: Any) -> AdditiveSharingTensor:
-        return self * other
+        return self.__mul__(other)
 
     def matmul(self, other: Any) -> AdditiveSharingTensor:
         """Matrix product with another shared value (a Beaver triple) or a public int64 tensor."""
         if isinstance(other, AdditiveSharingTensor):
-            from .beaver import beaver_product
-
-            return beaver_product(self, other, "matmul")
+            return self._product(other, "matmul")
         if isinstance(other, torch.Tensor):
             return self._same([torch.matmul(s, self._public_on(other, s.location)) for s in self.shares])
         raise TypeError(f"matmul of a shared value with {type(other).__name__}")
@@ -282,8 +295,10 @@ class AdditiveSharingTensor:
         """
         if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor <= 0:
             raise SMPCError(f"a shared value is divided by a positive public int, not {divisor!r}")
-        s0, s1, *rest = self.shares
-        w0, w1 = s0.location, s1.location
+        first, second, *rest = self.shares
+        w0, w1 = first.location, second.location
+        s0: torch.Tensor = first
+        s1: torch.Tensor = second
         for s in rest:
             shape = _shape_of(s)
             u, v = remote_results(s.location, "fedws.smpc.split", [ObjRef(s.id_at_location), 2], [shape] * 2, s.owner)

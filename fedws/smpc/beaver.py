@@ -28,10 +28,8 @@ from typing import Any
 import torch
 
 from ..client.worker import Worker
-from ..exceptions import SMPCError
 from ..node.random_shares import triple_shapes
 from ..pointers import PointerTensor
-from .additive import AdditiveSharingTensor
 from .ring import gather, remote_results, send_public
 
 __all__ = ["request_triple", "beaver_product", "open_shares"]
@@ -54,33 +52,29 @@ def request_triple(
     return ptrs[:n], ptrs[n:2 * n], ptrs[2 * n:]
 
 
-def open_shares(shares: Sequence[PointerTensor]) -> torch.Tensor:
+def open_shares(shares: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum the parties' shares of a masked value (this reveals it: use only on masks)."""
-    values = gather(shares)
+    ptrs = [s for s in shares if isinstance(s, PointerTensor)]
+    if len(ptrs) != len(shares):
+        raise TypeError("open_shares: every share is a pointer to a party's tensor")
+    values = gather(ptrs)
     out = values[0].clone()
     for v in values[1:]:
         out.add_(v)
     return out
 
 
-def beaver_product(x: AdditiveSharingTensor, y: AdditiveSharingTensor, kind: str) -> AdditiveSharingTensor:
-    """Shares of ``x * y`` (``kind="mul"``) or ``x @ y`` (``"matmul"``) among x's parties.
-
-    Raises:
-        SMPCError: no crypto provider, different parties or providers.
-    """
-    pairs = x._aligned(y)
-    provider = x._provider(y)
-    if provider is None:
-        raise SMPCError(
-            "multiplying two shared values needs a crypto provider: "
-            "share(..., crypto_provider=worker) (a worker that is not a party)"
-        )
-    parties = x.workers
+def beaver_product(
+    xs: Sequence[PointerTensor], ys: Sequence[PointerTensor], provider: Worker, kind: str
+) -> list[torch.Tensor]:
+    """Shares of ``x * y`` (``kind="mul"``) or ``x @ y`` (``"matmul"``), one per party, from
+    the parties' shares ``xs`` and ``ys`` (in the same party order) and a triple of ``provider``."""
+    parties = [p.location for p in xs]
     op = _OPS[kind]
-    a, b, c = request_triple(provider, kind, x.shape, y.shape, parties)
-    e = open_shares([xi - ai for (xi, _), ai in zip(pairs, a)])
-    d = open_shares([yi - bi for (_, yi), bi in zip(pairs, b)])
+    shape_x, shape_y = tuple(xs[0].shape), tuple(ys[0].shape)
+    a, b, c = request_triple(provider, kind, shape_x, shape_y, parties)
+    e = open_shares([xi - ai for xi, ai in zip(xs, a)])
+    d = open_shares([yi - bi for yi, bi in zip(ys, b)])
     ed = op(e, d)
     out = []
     for i, (w, ai, bi, ci) in enumerate(zip(parties, a, b, c)):
@@ -88,4 +82,4 @@ def beaver_product(x: AdditiveSharingTensor, y: AdditiveSharingTensor, kind: str
         if i == 0:
             zi = zi + send_public(ed, w)
         out.append(zi)
-    return AdditiveSharingTensor(out, provider)
+    return out

@@ -176,6 +176,7 @@ class FixedPrecisionTensor:
         if value is NotImplemented:
             raise TypeError(f"matmul of a fixed-precision value with {type(other).__name__}")
         child = self.child
+        product: Any
         if isinstance(child, AdditiveSharingTensor):
             product = child.matmul(value)
         elif isinstance(value, AdditiveSharingTensor):

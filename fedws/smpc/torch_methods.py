@@ -7,7 +7,7 @@ encodes on the worker, ``ptr.share(...)`` splits there.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,9 +39,8 @@ def share(tensor: torch.Tensor, *owners: Worker, crypto_provider: Worker | None 
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise SMPCError(f"share() of a {tensor.dtype} tensor: call fix_precision() first (shares are int64)")
     if isinstance(tensor, PointerTensor):
-        if tensor._dtype() != torch.int64:
-            tensor = tensor.long()
-        return PointerToShared(AdditiveSharingTensor.from_pointer(tensor, owners, crypto_provider), tensor.location)
+        ptr = tensor if tensor._dtype() == torch.int64 else cast(PointerTensor, tensor.long())
+        return PointerToShared(AdditiveSharingTensor.from_pointer(ptr, owners, crypto_provider), ptr.location)
     return AdditiveSharingTensor.from_tensor(tensor.long(), owners, crypto_provider)
 
 

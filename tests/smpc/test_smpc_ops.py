@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from smpc_stats import assert_same_distribution, assert_uniform
+from tests_helpers_smpc import link
 
 import fedws as sy
 from fedws.client.worker import Worker
@@ -17,7 +18,6 @@ from fedws.node import Node
 from fedws.protocol.messages import Kind
 from fedws.smpc import AdditiveSharingTensor, FixedPrecisionTensor, PointerToShared
 from fedws.smpc.beaver import request_triple
-from tests_helpers_smpc import link
 
 
 @pytest.fixture

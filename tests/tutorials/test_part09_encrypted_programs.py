@@ -1,3 +1,4 @@
+# ruff: noqa: B018, UP008, UP032  (the tutorial's cells, as written)
 """PySyft 0.2 "Part 09 - Intro to Encrypted Programs", cell by cell, with ``import fedws as sy``.
 
 The workers are the tutorial's (``bob``, ``alice``, ``bill``, ``crypto_provider``), on both

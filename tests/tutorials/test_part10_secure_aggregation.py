@@ -1,3 +1,4 @@
+# ruff: noqa: B018, UP008, UP032  (the tutorial's cells, as written)
 """PySyft 0.2 "Part 10 - Federated Learning with Secure Aggregation", cell by cell, with
 ``import fedws as sy``, on both transports.
 
