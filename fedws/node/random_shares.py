@@ -8,9 +8,11 @@ the node that runs them, never from torch's seeded generator:
   that holds a value shares it itself, so the coordinator never sees it (PySyft Part 10:
   a remote parameter ``.fix_precision().share(...)``).
 - ``fedws.smpc.triple(kind, shape_a, shape_b, n)``: a Beaver triple ``a, b, c = a*b``
-  (or ``a @ b``), returned only as ``n`` shares of each (``3n`` results). The crypto
-  provider runs it; the coordinator holds pointers to the shares and moves each party's
-  node to node, so it never holds a triple.
+  (or ``a @ b``; or ``a & b`` for kind ``"and"``, XOR-shared), returned only as ``n`` shares
+  of each (``3n`` results). The crypto provider runs it; the coordinator holds pointers to
+  the shares and moves each party's node to node, so it never holds a triple.
+- ``fedws.smpc.bits(shape, n)``: random bits ``r``, XOR-shared and additively shared
+  (``2n`` results), to turn a shared bit into an additive share (comparisons).
 
 Both are bounded before anything is allocated (party count, rank, elements, the memory
 budget) and, on a private node, need the ``smpc`` permission of the caller's principal;
@@ -27,7 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAX_PARTIES", "MAX_ELEMENTS", "MAX_RANK", "random_ring", "split", "triple", "triple_shapes", "node_ops"]
+__all__ = ["MAX_PARTIES", "MAX_ELEMENTS", "MAX_RANK", "random_ring", "split", "xor_split", "triple", "triple_shapes", "bits",
+           "node_ops"]
 
 MAX_PARTIES = 16
 """Most shares one command makes."""
@@ -36,7 +39,7 @@ MAX_ELEMENTS = 1 << 24
 MAX_RANK = 8
 """Most dimensions of a triple's shapes."""
 
-_KINDS = ("mul", "matmul")
+_KINDS = ("mul", "matmul", "and")
 
 
 def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
@@ -74,14 +77,24 @@ def split(secret: torch.Tensor, n: int) -> list[torch.Tensor]:
     return shares
 
 
+def xor_split(secret: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``n`` XOR shares of an int64 tensor: ``n - 1`` uniform, one the XOR of all with it."""
+    shares = [random_ring(tuple(secret.shape)) for _ in range(n - 1)]
+    last = secret.clone()
+    for s in shares:
+        last.bitwise_xor_(s)
+    shares.append(last)
+    return shares
+
+
 def _shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or len(value) > MAX_RANK or not all(
         type(d) is int and 0 <= d <= MAX_ELEMENTS for d in value
     ):
-        raise ValueError(f"smpc triple: {what} must be a list of at most {MAX_RANK} sizes in [0, {MAX_ELEMENTS}]")
+        raise ValueError(f"smpc: {what} must be a list of at most {MAX_RANK} sizes in [0, {MAX_ELEMENTS}]")
     shape = tuple(value)
     if math.prod(shape) > MAX_ELEMENTS:
-        raise ValueError(f"smpc triple: {what} has more than {MAX_ELEMENTS} elements")
+        raise ValueError(f"smpc: {what} has more than {MAX_ELEMENTS} elements")
     return shape
 
 
@@ -90,7 +103,9 @@ def triple_shapes(kind: Any, shape_a: Any, shape_b: Any) -> tuple[str, tuple[int
     if kind not in _KINDS:
         raise ValueError(f"smpc triple: kind must be one of {_KINDS}, got {kind!r}")
     sa, sb = _shape(shape_a, "shape_a"), _shape(shape_b, "shape_b")
-    op = torch.mul if kind == "mul" else torch.matmul
+    op = {"mul": torch.mul, "matmul": torch.matmul, "and": torch.bitwise_and}[kind]
+    if kind == "and" and sa != sb:
+        raise ValueError(f"smpc triple: an 'and' triple needs equal shapes, got {list(sa)} and {list(sb)}")
     try:
         sc = tuple(op(torch.empty(sa, dtype=torch.int64, device="meta"),
                       torch.empty(sb, dtype=torch.int64, device="meta")).shape)
@@ -106,8 +121,17 @@ def triple(kind: str, shape_a: Any, shape_b: Any, n: int) -> list[torch.Tensor]:
     n = _parties(n)
     kind, sa, sb, _ = triple_shapes(kind, shape_a, shape_b)
     a, b = random_ring(sa), random_ring(sb)
+    if kind == "and":
+        return xor_split(a, n) + xor_split(b, n) + xor_split(a & b, n)
     c = a * b if kind == "mul" else torch.matmul(a, b)
     return split(a, n) + split(b, n) + split(c, n)
+
+
+def bits(shape: Any, n: int) -> list[torch.Tensor]:
+    """Random bits ``r``: ``n`` XOR shares of them, then ``n`` additive shares."""
+    n = _parties(n)
+    r = random_ring(_shape(shape, "shape")) & 1
+    return xor_split(r, n) + split(r, n)
 
 
 def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
@@ -131,4 +155,9 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         check(n + 1, math.prod(sa) + math.prod(sb) + math.prod(sc), "fedws.smpc.triple")
         return triple(kind, shape_a, shape_b, n)
 
-    return {"fedws.smpc.split": split_op, "fedws.smpc.triple": triple_op}
+    def bits_op(shape: Any, n: Any) -> list[torch.Tensor]:
+        n = _parties(n)
+        check(2 * n + 1, math.prod(_shape(shape, "shape")), "fedws.smpc.bits")
+        return bits(shape, n)
+
+    return {"fedws.smpc.split": split_op, "fedws.smpc.triple": triple_op, "fedws.smpc.bits": bits_op}

@@ -36,6 +36,7 @@ from ..pointers import PointerTensor
 from ..pointers.tensor import learn_shape
 from ..protocol.codec import ObjRef
 from .beaver import beaver_product
+from .compare import msb
 from .ring import gather, remote_results, send_public, split_local
 
 __all__ = ["AdditiveSharingTensor", "PointerToShared", "check_parties"]
@@ -309,25 +310,113 @@ class AdditiveSharingTensor:
         zeros = [s * 0 for s in rest]
         return self._same([t0, t1, *zeros])
 
-    # -- comparisons -----------------------------------------------------------------------
+    # -- comparisons (:mod:`.compare`): shared 0/1 results ----------------------------------
 
-    def _no_comparison(self, *_: Any) -> Any:
-        raise SMPCError(
-            "comparisons of shared values (>, <, >=, <=, ==, max, relu) are not supported yet: PySyft 0.2 used "
-            "SecureNN's private compare, which fedws does not implement; get() the values (if you "
-            "may) or compare before sharing"
-        )
+    def _need_provider(self, what: str) -> Worker:
+        if self.crypto_provider is None:
+            raise SMPCError(f"{what} of shared values needs a crypto provider: share(..., crypto_provider=worker)")
+        return self.crypto_provider
 
-    __gt__ = __lt__ = __ge__ = __le__ = _no_comparison
-    gt = lt = ge = le = eq = max = min = argmax = argmin = relu = _no_comparison
+    def _signs(self, other: Any) -> tuple[AdditiveSharingTensor, AdditiveSharingTensor]:
+        """Shared bits ``(self < other, self > other)``: the sign bits of ``±(self - other)``,
+        both in one run of the protocol."""
+        diff = self._minus(other)
+        provider = diff._need_provider("comparison")
+        stacked = [torch.stack([d, -d]) for d in diff.shares]
+        bits = msb(stacked, provider)
+        return (AdditiveSharingTensor([b[0] for b in bits], provider),
+                AdditiveSharingTensor([b[1] for b in bits], provider))
 
-    def __eq__(self, other: object) -> Any:
-        return self._no_comparison()
+    def _minus(self, other: Any) -> AdditiveSharingTensor:
+        diff = self.__sub__(other)
+        if diff is NotImplemented:
+            raise TypeError(f"cannot compare a shared value with {type(other).__name__}")
+        return diff
 
+    def __lt__(self, other: Any) -> AdditiveSharingTensor:
+        diff = self._minus(other)
+        return AdditiveSharingTensor(msb(diff.shares, diff._need_provider("comparison")), diff.crypto_provider)
+
+    def __gt__(self, other: Any) -> AdditiveSharingTensor:
+        diff = self._minus(other)
+        provider = diff._need_provider("comparison")
+        return AdditiveSharingTensor(msb((-diff).shares, provider), provider)
+
+    def __ge__(self, other: Any) -> AdditiveSharingTensor:
+        return (self < other).__rsub__(1)
+
+    def __le__(self, other: Any) -> AdditiveSharingTensor:
+        return (self > other).__rsub__(1)
+
+    def __eq__(self, other: object) -> AdditiveSharingTensor:  # type: ignore[override]
+        lt, gt = self._signs(other)
+        return (lt + gt).__rsub__(1)
+
+    def __ne__(self, other: object) -> AdditiveSharingTensor:  # type: ignore[override]
+        lt, gt = self._signs(other)
+        return lt + gt
+
+    gt, lt, ge, le, eq, ne = __gt__, __lt__, __ge__, __le__, __eq__, __ne__
     __hash__ = object.__hash__
+
+    def relu(self) -> AdditiveSharingTensor:
+        """``max(x, 0)``: ``x * (x > 0)`` (a comparison and a Beaver product)."""
+        return self * (self > 0)
+
+    def max(self, dim: int | None = None) -> Any:
+        """The largest value (``dim=None``, shape ``[1]``) or ``(values, indices)`` along ``dim``,
+        by a tournament of comparisons; the indices are shared too."""
+        x = self.view(-1) if dim is None else self
+        d = 0 if dim is None else dim % x.dim()
+        n = x.shape[d]
+        shape = [1] * x.dim()
+        shape[d] = n
+        index: Any = torch.arange(n, dtype=torch.int64).view(shape).expand(tuple(x.shape)).clone()
+        while n > 1:
+            half = n // 2
+            a, b = x.narrow(d, 0, half), x.narrow(d, half, half)
+            ia, ib = _narrow(index, d, 0, half), _narrow(index, d, half, half)
+            bit = a > b
+            best = b + bit * (a - b)
+            best_index = bit * (ia - ib) + ib
+            if n % 2:
+                best = best.cat(x.narrow(d, n - 1, 1), d)
+                best_index = _cat(best_index, _narrow(index, d, n - 1, 1), d)
+            x, index, n = best, best_index, best.shape[d]
+        if dim is None:
+            return x
+        return x.squeeze(d), index.squeeze(d)
+
+    def narrow(self, dim: int, start: int, length: int) -> AdditiveSharingTensor:
+        return self._each(lambda s: s.narrow(dim, start, length))
+
+    def squeeze(self, *dim: int) -> AdditiveSharingTensor:
+        return self._each(lambda s: s.squeeze(*dim))
+
+    def _public_share_of(self, value: torch.Tensor) -> AdditiveSharingTensor:
+        """A public tensor as a sharing among these parties: party 0 holds it, the others 0."""
+        zeros = torch.zeros_like(value)
+        return self._same([send_public(value if i == 0 else zeros, w) for i, w in enumerate(self.workers)])
+
+    def cat(self, other: AdditiveSharingTensor, dim: int = 0) -> AdditiveSharingTensor:
+        """``torch.cat([self, other], dim)`` share by share."""
+        return AdditiveSharingTensor(
+            [torch.cat([a, b], dim) for a, b in self._aligned(other)], self._provider(other)
+        )
 
     def __bool__(self) -> bool:
         raise SMPCError("the truth value of a shared value is secret; get() it first")
+
+
+def _narrow(value: Any, dim: int, start: int, length: int) -> Any:
+    return value.narrow(dim, start, length)
+
+
+def _cat(a: Any, b: Any, dim: int) -> Any:
+    """Concatenate a shared index with a public one (or two public ones)."""
+    if isinstance(a, AdditiveSharingTensor):
+        return a.cat(b if isinstance(b, AdditiveSharingTensor) else a._public_share_of(b), dim)
+    return torch.cat([a, b], dim)
 
 
 def _ring_int(value: Any) -> int:

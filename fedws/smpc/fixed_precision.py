@@ -210,10 +210,14 @@ class FixedPrecisionTensor:
         return self._wrap(self.child.t())
 
     def _compare(self, other: Any, name: str) -> Any:
-        if isinstance(self.child, AdditiveSharingTensor):
-            return getattr(self.child, name)(other)
+        """A shared comparison gives shared 1.0/0.0 in this encoding; a local one a bool tensor."""
         value = self._scaled(other)
-        return getattr(self.child, name)(value)
+        if value is NotImplemented:
+            raise TypeError(f"cannot compare a fixed-precision value with {type(other).__name__}")
+        bits = getattr(self.child, name)(value)
+        if isinstance(bits, AdditiveSharingTensor):
+            return self._wrap(bits * self.scale)
+        return bits
 
     def __gt__(self, other: Any) -> Any:
         return self._compare(other, "__gt__")
@@ -226,3 +230,23 @@ class FixedPrecisionTensor:
 
     def __le__(self, other: Any) -> Any:
         return self._compare(other, "__le__")
+
+    def __eq__(self, other: object) -> Any:
+        return self._compare(other, "__eq__")
+
+    def __ne__(self, other: object) -> Any:
+        return self._compare(other, "__ne__")
+
+    __hash__ = object.__hash__
+
+    def relu(self) -> FixedPrecisionTensor:
+        child = self.child
+        return self._wrap(child.relu() if isinstance(child, AdditiveSharingTensor) else child.clamp(min=0))
+
+    def max(self, dim: int | None = None) -> Any:
+        """The largest value, or ``(values, indices)`` along ``dim`` (indices are plain ints)."""
+        child = self.child
+        if dim is None:
+            return self._wrap(child.max() if isinstance(child, AdditiveSharingTensor) else child.max().view(1))
+        values, indices = child.max(dim)
+        return self._wrap(values), indices

@@ -11,7 +11,7 @@ import torch
 
 from fedws.node import Node
 from fedws.node.policy import Policy
-from fedws.node.random_shares import MAX_ELEMENTS, MAX_PARTIES, split, triple
+from fedws.node.random_shares import MAX_ELEMENTS, MAX_PARTIES, bits, split, triple
 from fedws.node.store import Failure
 from fedws.protocol.codec import ObjRef, decode, encode_bytes
 from fedws.protocol.messages import Kind
@@ -70,6 +70,15 @@ def test_triple_is_a_times_b() -> None:
     assert torch.equal(c, a * b)
 
 
+def test_and_triple_and_bits_are_xor_shared() -> None:
+    parts = triple("and", [6], [6], 3)
+    a, b, c = (parts[i * 3] ^ parts[i * 3 + 1] ^ parts[i * 3 + 2] for i in range(3))
+    assert torch.equal(c, a & b)
+    made = bits([1000], 2)
+    r_xor, r_add = made[0] ^ made[1], made[2] + made[3]
+    assert torch.equal(r_xor, r_add) and set(r_xor.tolist()) == {0, 1}
+
+
 @pytest.mark.parametrize(
     ("args", "text"),
     [
@@ -82,6 +91,7 @@ def test_triple_is_a_times_b() -> None:
         (["mul", [-1], [1], 2], "sizes"),
         (["matmul", [2, 3], [2, 3], 2], "do not fit"),
         (["mul", "22", [1], 2], "list"),
+        (["and", [2], [3], 2], "equal shapes"),
     ],
 )
 def test_triple_bounds_are_checked_before_allocating(args: list[Any], text: str) -> None:

@@ -123,7 +123,7 @@ def test_refusals(parties: Any) -> None:
     y = torch.tensor([1]).share(alice, bob)
     with pytest.raises(sy.SMPCError, match="different parties"):
         x + y
-    with pytest.raises(sy.SMPCError, match="comparisons"):
+    with pytest.raises(sy.SMPCError, match="comparison of shared values needs a crypto provider"):
         x > x  # noqa: B015
     with pytest.raises(sy.SMPCError, match="secret"):
         bool(x)
@@ -194,3 +194,49 @@ def test_a_partys_shares_are_uniform_and_independent_of_the_secret(parties: Any)
     assert [p.location.id for p in a] == ["bob", "alice"]
     for share in (a[0], b[1], c[0], c[1]):
         assert_uniform(share.get())
+
+
+def test_comparisons_relu_and_max(parties: Any) -> None:
+    bob, alice, bill, carol = parties
+    v = torch.tensor([-7, 0, 3, 2**40, -(2**40), 5])
+    w = torch.tensor([-7, 1, -3, 2**40 - 1, 7, 5])
+    a, b = v.share(bob, alice, bill, crypto_provider=carol), w.share(bob, alice, bill, crypto_provider=carol)
+    assert (a < b).get().tolist() == (v < w).long().tolist()
+    assert (a > b).get().tolist() == (v > w).long().tolist()
+    assert (a <= b).get().tolist() == (v <= w).long().tolist()
+    assert (a >= b).get().tolist() == (v >= w).long().tolist()
+    assert (a == b).get().tolist() == (v == w).long().tolist()
+    assert (a != b).get().tolist() == (v != w).long().tolist()
+    assert (a > 2).get().tolist() == (v > 2).long().tolist()
+    assert a.relu().get().tolist() == v.relu().tolist()
+    m = torch.tensor([[2, 3, 9], [4, 1, 0], [5, -1, 3]])
+    x = m.share(bob, alice, crypto_provider=carol)
+    assert x.max().get().tolist() == [9]
+    values, indices = x.max(dim=1)
+    assert values.get().tolist() == [9, 4, 5] and indices.get().tolist() == [2, 0, 0]
+    values, indices = x.max(dim=0)
+    assert values.get().tolist() == [5, 3, 9] and indices.get().tolist() == [2, 0, 0]
+    f = torch.tensor([0.5, -0.25, 1.0]).fix_precision().share(bob, alice, crypto_provider=carol)
+    g = torch.tensor([0.25, -0.5, 1.0]).fix_precision().share(bob, alice, crypto_provider=carol)
+    assert (f > g).get().float_precision().tolist() == [1.0, 1.0, 0.0]
+    assert (f == g).get().float_precision().tolist() == [0.0, 0.0, 1.0]
+    assert f.relu().get().float_precision().tolist() == [0.5, 0.0, 1.0]
+    assert f.max().get().float_precision().tolist() == [1.0]
+
+
+def test_a_comparison_opens_only_masks(parties: Any, requests: list[Any]) -> None:
+    """Every value the coordinator gets during a comparison is a share of a masked value
+    (x ^ a, y ^ b, bit ^ r), never of the operands; the crypto provider gives nothing back."""
+    bob, alice, _, carol = parties
+    x = torch.tensor([25]).share(bob, alice, crypto_provider=carol)
+    y = torch.tensor([5]).share(bob, alice, crypto_provider=carol)
+    requests.clear()
+    z = x > y
+    gets = [r for r in requests if r[1] == Kind.GET]
+    assert {g[0] for g in gets} == {"bob", "alice"}
+    assert len(gets) == 2 * 2 * 7 + 2  # 7 ANDs (e and d of each party), then bit ^ r
+    shares = {x.child["bob"].id_at_location, x.child["alice"].id_at_location,
+              y.child["bob"].id_at_location, y.child["alice"].id_at_location}
+    assert not shares & {g[2][0] for g in gets}
+    assert not [r for r in requests if r[0] == "carol" and r[1] != Kind.CMD]
+    assert z.get().tolist() == [1]

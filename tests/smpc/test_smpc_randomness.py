@@ -97,3 +97,11 @@ def test_triple_shares_are_uniform_and_c_independent_of_a_and_b() -> None:
     parts = random_shares.triple("mul", [N], [N], 2)
     for p in parts:
         assert_uniform(p)
+
+
+def test_and_triple_and_bit_shares_are_uniform() -> None:
+    for p in random_shares.triple("and", [N], [N], 2):
+        assert_uniform(p)
+    made = random_shares.bits([N], 2)
+    for p in made[:1] + made[2:3]:  # one XOR share, one additive share of the bits
+        assert_uniform(p)
