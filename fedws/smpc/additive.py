@@ -37,7 +37,7 @@ from ..pointers.tensor import learn_shape
 from ..protocol.codec import ObjRef
 from .beaver import beaver_product
 from .compare import msb
-from .ring import gather, remote_results, send_public, split_local
+from .ring import gather, move_all, remote_results, send_public, split_local
 
 __all__ = ["AdditiveSharingTensor", "PointerToShared", "check_parties"]
 
@@ -125,7 +125,7 @@ class AdditiveSharingTensor:
             home, "fedws.smpc.split", [ObjRef(secret.id_at_location), len(parties)], [shape] * len(parties),
             secret.owner,
         )
-        return cls([s if w is home else s.move(w) for s, w in zip(shares, parties)], crypto_provider)
+        return cls(move_all(shares, parties), crypto_provider)
 
     # -- what it is -----------------------------------------------------------------------
 
@@ -343,10 +343,10 @@ class AdditiveSharingTensor:
         return AdditiveSharingTensor(msb((-diff).shares, provider), provider)
 
     def __ge__(self, other: Any) -> AdditiveSharingTensor:
-        return (self < other).__rsub__(1)
+        return self.__lt__(other).__rsub__(1)
 
     def __le__(self, other: Any) -> AdditiveSharingTensor:
-        return (self > other).__rsub__(1)
+        return self.__gt__(other).__rsub__(1)
 
     def __eq__(self, other: object) -> AdditiveSharingTensor:  # type: ignore[override]
         lt, gt = self._signs(other)

@@ -30,7 +30,7 @@ import torch
 from ..client.worker import Worker
 from ..node.random_shares import triple_shapes
 from ..pointers import PointerTensor
-from .ring import gather, remote_results, send_public
+from .ring import gather, move_all, remote_results, send_public
 
 __all__ = ["request_triple", "beaver_product", "open_shares"]
 
@@ -48,7 +48,7 @@ def request_triple(
     _, sa, sb, sc = triple_shapes(kind, list(shape_a), list(shape_b))
     shapes = [sa] * n + [sb] * n + [sc] * n
     made = remote_results(provider, "fedws.smpc.triple", [kind, list(sa), list(sb), n], shapes, parties[0].owner)
-    ptrs = [p.move(parties[i % n]) for i, p in enumerate(made)]
+    ptrs = move_all(made, [parties[i % n] for i in range(3 * n)])
     return ptrs[:n], ptrs[n:2 * n], ptrs[2 * n:]
 
 

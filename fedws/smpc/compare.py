@@ -21,12 +21,13 @@ masked openings; the crypto provider sees only its random values. The result is 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
 import torch
 
 from ..client.worker import Worker
 from ..pointers import PointerTensor
 from .beaver import request_triple
-from .ring import gather, remote_results, send_public
+from .ring import gather, move_all, remote_results, send_public
 
 __all__ = ["open_xor", "and_shares", "add_binary", "msb", "bit_to_arithmetic"]
 
@@ -85,7 +86,7 @@ def add_binary(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], provider:
     for k in (1, 2, 4, 8, 16, 32):
         # g = g ^ (p & (g << k)) and p = p & (p << k): both ANDs in one round
         lhs = _each(lambda pi: torch.stack([pi, pi]), p)
-        rhs = _each(lambda gi, pi: torch.stack([gi << k, pi << k]), g, p)
+        rhs = _each(lambda gi, pi, k=k: torch.stack([gi << k, pi << k]), g, p)
         both = and_shares(lhs, rhs, provider)
         g = _each(lambda gi, bi: gi ^ bi[0], g, both)
         p = _each(lambda bi: bi[1], both)
@@ -98,7 +99,7 @@ def bit_to_arithmetic(bits: Sequence[torch.Tensor], provider: Worker) -> Shares:
     n = len(parties)
     shape = tuple(bits[0].shape)
     made = remote_results(provider, "fedws.smpc.bits", [list(shape), n], [shape] * (2 * n), parties[0].owner)
-    moved = [p.move(parties[i % n]) for i, p in enumerate(made)]
+    moved = move_all(made, [parties[i % n] for i in range(2 * n)])
     r_xor, r_add = moved[:n], moved[n:]
     (c,) = open_xor([b ^ r for b, r in zip(bits, r_xor)])
     sign = 1 - 2 * c

@@ -23,7 +23,7 @@ from ..transport.io_thread import wait
 if TYPE_CHECKING:
     from ..client.worker import Worker
 
-__all__ = ["random_ring", "split_local", "gather", "send_public", "remote_results"]
+__all__ = ["random_ring", "split_local", "gather", "send_public", "remote_results", "move_all"]
 
 
 def random_ring(shape: Sequence[int]) -> torch.Tensor:
@@ -80,3 +80,31 @@ def remote_results(
         make_pointer(worker, i, shape=tuple(shape), dtype=torch.int64, requires_grad=False, owner=owner, seq=seq)
         for i, shape in zip(ids, shapes)
     ]
+
+
+def move_all(ptrs: Sequence[PointerTensor], targets: Sequence[Worker]) -> list[PointerTensor]:
+    """``[p.move(w) for p, w in ...]`` with one round trip to the source, not one per pointer.
+
+    ``PointerTensor.send`` lets the source share the object and waits for that before the
+    target follows the pointer; here every share command goes out first and the last one's
+    acknowledgement covers them all (a node runs one connection's commands in order). Then,
+    as ``send`` does, each target stores a pointer that owns the object and pulls the data.
+    """
+    by_source: dict[int, PointerTensor] = {}
+    for p in ptrs:
+        p.check_live()
+        p.seq, _ = p.location.submit(Kind.CMD, "fedws.share", [p.id_at_location], {}, [])
+        by_source[id(p.location)] = p
+    for last in by_source.values():
+        last.wait()
+    out = []
+    for p, w in zip(ptrs, targets):
+        if w is p.location:
+            out.append(p)
+            continue
+        seq = w.store(p, obj_id=p.id)
+        p.ownership.active = False  # the pointer on `w` owns the data now
+        q = make_pointer(w, p.id, shape=tuple(p.shape), dtype=torch.int64, requires_grad=False,
+                         owner=p.owner, seq=seq, id=new_id())
+        out.append(q.remote_get())
+    return out
