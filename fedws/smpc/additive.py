@@ -5,8 +5,9 @@ holds one :class:`~fedws.pointers.PointerTensor` per party (an int64 share in th
 Z/2^64, see :mod:`.ring`), not a ``torch.Tensor`` subclass: nothing of it is a tensor on
 the coordinator, and torch's own dispatch would only get in the way of operators that
 must talk to several workers. (PySyft 0.2 wrapped it in a torch tensor so that
-``model.fix_precision().share(...)`` could put it into modules; fedws shares parameters
-one by one, as Part 10 does.)
+``model.fix_precision().share(...)`` could put it into modules; fedws puts the
+fixed-precision values in the module's parameter slots and answers the layers' torch
+calls through ``__torch_function__``, see :mod:`.module`.)
 
 What each role sees:
 

@@ -13,16 +13,18 @@ the worker) or an :class:`~fedws.smpc.additive.AdditiveSharingTensor` (after ``s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..client.worker import Worker
 from ..exceptions import SMPCError
 from ..pointers import PointerTensor
 from .additive import AdditiveSharingTensor, PointerToShared
 
-__all__ = ["FixedPrecisionTensor", "BASE", "PRECISION_FRACTIONAL", "encode"]
+__all__ = ["FixedPrecisionTensor", "BASE", "PRECISION_FRACTIONAL", "encode", "TORCH_FUNCTIONS"]
 
 BASE = 10
 PRECISION_FRACTIONAL = 3
@@ -71,6 +73,25 @@ class FixedPrecisionTensor:
 
     def __repr__(self) -> str:
         return f"FixedPrecisionTensor(base={self.base}, precision_fractional={self.precision_fractional})>{self.child!r}"
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        """Torch functions called with a fixed-precision value (a model's layers): the ones
+        :data:`TORCH_FUNCTIONS` names; others are refused clearly."""
+        fn = TORCH_FUNCTIONS.get(func)
+        if fn is None:
+            raise SMPCError(f"{getattr(func, '__name__', func)} is not supported on fixed-precision values")
+        return fn(*args, **(kwargs or {}))
+
+    def __rmatmul__(self, other: Any) -> FixedPrecisionTensor:
+        value, scaled = self._other(other)
+        if value is NotImplemented:
+            raise TypeError(f"matmul of {type(other).__name__} with a fixed-precision value")
+        child = self.child
+        product = child.__rmatmul__(value) if isinstance(child, AdditiveSharingTensor) else torch.matmul(value, child)
+        return self._wrap(self._truncate(product, self.scale) if scaled else product)
 
     def _wrap(self, child: Any) -> FixedPrecisionTensor:
         return FixedPrecisionTensor(child, self.base, self.precision_fractional)
@@ -250,3 +271,29 @@ class FixedPrecisionTensor:
             return self._wrap(child.max() if isinstance(child, AdditiveSharingTensor) else child.max().view(1))
         values, indices = child.max(dim)
         return self._wrap(values), indices
+
+
+def _linear(x: Any, weight: Any, bias: Any = None) -> Any:
+    out = x.matmul(weight.t())
+    return out if bias is None else out + bias
+
+
+def _relu(x: Any, inplace: bool = False) -> Any:
+    return x.relu()
+
+
+def _matmul(a: Any, b: Any) -> Any:
+    return a.matmul(b) if isinstance(a, FixedPrecisionTensor) else b.__rmatmul__(a)
+
+
+TORCH_FUNCTIONS: dict[Any, Callable[..., Any]] = {
+    F.linear: _linear,
+    F.relu: _relu,
+    torch.relu: _relu,
+    torch.matmul: _matmul,
+    torch.add: lambda a, b: a + b,
+    torch.sub: lambda a, b: a - b,
+    torch.mul: lambda a, b: a * b,
+    torch.sum: lambda a, *args, **kwargs: a.sum(*args, **kwargs),
+}
+"""What torch functions do with fixed-precision arguments (a model's layers call these)."""

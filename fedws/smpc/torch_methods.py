@@ -1,4 +1,5 @@
-"""The torch methods of secure computation: ``Tensor.fix_precision/fix_prec/share``.
+"""The torch methods of secure computation: ``Tensor.fix_precision/fix_prec/share`` and
+``nn.Module.fix_precision/share/float_precision`` (and ``get`` of a shared model).
 
 :func:`install` adds them to ``torch.Tensor`` (``fedws.hook`` calls it with the rest of
 its patching); they apply to pointers too, which are tensors: ``ptr.fix_precision()``
@@ -10,12 +11,14 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
+from torch import nn
 
 from ..client.worker import Worker
 from ..exceptions import SMPCError
 from ..pointers import PointerTensor
 from .additive import AdditiveSharingTensor, PointerToShared
 from .fixed_precision import BASE, PRECISION_FRACTIONAL, FixedPrecisionTensor
+from .module import module_fix_precision, module_float_precision, module_share, wrap_module_get
 
 __all__ = ["install", "fix_precision", "share"]
 
@@ -48,13 +51,19 @@ _installed = False
 
 
 def install() -> None:
-    """Add the methods to ``torch.Tensor`` (once)."""
+    """Add the methods to ``torch.Tensor`` and ``nn.Module`` (once; after ``Module.get``
+    exists, which the shared-model ``get`` wraps)."""
     global _installed
     if _installed:
         return
     torch.Tensor.fix_precision = fix_precision  # type: ignore[attr-defined]
     torch.Tensor.fix_prec = fix_precision  # type: ignore[attr-defined]
     torch.Tensor.share = share  # type: ignore[attr-defined]
+    nn.Module.fix_precision = module_fix_precision  # type: ignore[attr-defined]
+    nn.Module.fix_prec = module_fix_precision  # type: ignore[attr-defined]
+    nn.Module.share = module_share  # type: ignore[attr-defined]
+    nn.Module.float_precision = module_float_precision  # type: ignore[attr-defined]
+    nn.Module.get = wrap_module_get(getattr(nn.Module, "get", None))  # type: ignore[attr-defined]
     if not hasattr(torch.Tensor, "copy"):  # PySyft's x.copy(), which Part 10 calls on pointers
         torch.Tensor.copy = _copy  # type: ignore[attr-defined]
     _installed = True

@@ -240,3 +240,34 @@ def test_a_comparison_opens_only_masks(parties: Any, requests: list[Any]) -> Non
     assert not shares & {g[2][0] for g in gets}
     assert not [r for r in requests if r[0] == "carol" and r[1] != Kind.CMD]
     assert z.get().tolist() == [1]
+
+
+def test_a_shared_model_evaluates_shared_inputs(parties: Any) -> None:
+    """``model.fix_precision().share(...)``: encrypted inference through Linear and ReLU."""
+    bob, alice, _, carol = parties
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(4, 3)
+            self.fc2 = torch.nn.Linear(3, 1)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc2(torch.nn.functional.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = model(x)
+    assert model.fix_precision().share(bob, alice, crypto_provider=carol) is model
+    assert isinstance(model.fc1.weight, FixedPrecisionTensor)
+    assert isinstance(model.fc1.weight.child, AdditiveSharingTensor)
+    out = model(x.fix_precision().share(bob, alice, crypto_provider=carol)).get().float_precision()
+    assert torch.allclose(out, want, atol=5e-3)
+    model.get().float_precision()
+    assert isinstance(model.fc1.weight, torch.nn.Parameter)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=2e-3)
+    with pytest.raises(sy.SMPCError, match="fix_precision"):
+        Net().share(bob, alice)
