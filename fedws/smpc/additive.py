@@ -265,6 +265,10 @@ class AdditiveSharingTensor:
             return self._same([torch.matmul(self._public_on(other, s.location), s) for s in self.shares])
         return NotImplemented
 
+    def copy(self) -> AdditiveSharingTensor:
+        """Fresh shares of the same value (each party clones its own)."""
+        return self._each(lambda s: s.clone())
+
     def sum(self, *args: Any, **kwargs: Any) -> AdditiveSharingTensor:
         return self._each(lambda s: s.sum(*args, **kwargs))
 

@@ -128,9 +128,7 @@ class FixedPrecisionTensor:
 
     def copy(self) -> FixedPrecisionTensor:
         child = self.child
-        if isinstance(child, AdditiveSharingTensor):
-            return self._wrap(child + 0)
-        return self._wrap(child.clone())
+        return self._wrap(child.copy() if isinstance(child, AdditiveSharingTensor) else child.clone())
 
     # -- arithmetic -------------------------------------------------------------------------
 

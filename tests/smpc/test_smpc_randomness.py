@@ -93,6 +93,13 @@ def test_node_split_shares_are_uniform(secret: int) -> None:
         assert_uniform(share)
 
 
+def test_node_split_shares_are_independent_of_the_secret() -> None:
+    small = random_shares.split(torch.zeros(N, dtype=torch.int64), 2)
+    large = random_shares.split(torch.full((N,), 10**12, dtype=torch.int64), 2)
+    for a, b in zip(small, large):
+        assert_same_distribution(a, b)
+
+
 def test_triple_shares_are_uniform_and_c_independent_of_a_and_b() -> None:
     parts = random_shares.triple("mul", [N], [N], 2)
     for p in parts:
