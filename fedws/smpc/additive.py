@@ -38,7 +38,7 @@ from ..pointers.tensor import learn_shape
 from ..protocol.codec import ObjRef
 from .beaver import beaver_product
 from .compare import msb
-from .ring import gather, move_all, remote_results, send_public, split_local
+from .ring import gather, move_all, remote_results, send_value, split_local
 
 __all__ = ["AdditiveSharingTensor", "PointerToShared", "check_parties"]
 
@@ -108,7 +108,7 @@ class AdditiveSharingTensor:
         """Share a local int64 tensor: the shares are drawn here (``secrets``) and sent."""
         parties = check_parties(workers, crypto_provider)
         shares = split_local(secret, len(parties))
-        return cls([send_public(s, w) for s, w in zip(shares, parties)], crypto_provider)
+        return cls([send_value(s, w) for s, w in zip(shares, parties)], crypto_provider)
 
     @classmethod
     def from_pointer(
@@ -186,7 +186,7 @@ class AdditiveSharingTensor:
                 return _ring_int(value.item())
             if value.is_floating_point():
                 raise SMPCError("a public float operand needs fixed precision: fix_precision() the shared value")
-            return send_public(value.to(torch.int64), worker)
+            return send_value(value.to(torch.int64), worker)
         return _ring_int(value)
 
     def _each(self, fn: Callable[[PointerTensor], torch.Tensor]) -> AdditiveSharingTensor:
@@ -401,7 +401,7 @@ class AdditiveSharingTensor:
     def _public_share_of(self, value: torch.Tensor) -> AdditiveSharingTensor:
         """A public tensor as a sharing among these parties: party 0 holds it, the others 0."""
         zeros = torch.zeros_like(value)
-        return self._same([send_public(value if i == 0 else zeros, w) for i, w in enumerate(self.workers)])
+        return self._same([send_value(value if i == 0 else zeros, w) for i, w in enumerate(self.workers)])
 
     def cat(self, other: AdditiveSharingTensor, dim: int = 0) -> AdditiveSharingTensor:
         """``torch.cat([self, other], dim)`` share by share."""

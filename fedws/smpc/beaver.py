@@ -30,7 +30,7 @@ import torch
 from ..client.worker import Worker
 from ..node.random_shares import triple_shapes
 from ..pointers import PointerTensor
-from .ring import gather, move_all, remote_results, send_public
+from .ring import gather, move_all, remote_results, send_value
 
 __all__ = ["request_triple", "beaver_product", "open_shares"]
 
@@ -78,8 +78,8 @@ def beaver_product(
     ed = op(e, d)
     out = []
     for i, (w, ai, bi, ci) in enumerate(zip(parties, a, b, c)):
-        zi = ci + op(send_public(e, w), bi) + op(ai, send_public(d, w))
+        zi = ci + op(send_value(e, w), bi) + op(ai, send_value(d, w))
         if i == 0:
-            zi = zi + send_public(ed, w)
+            zi = zi + send_value(ed, w)
         out.append(zi)
     return out

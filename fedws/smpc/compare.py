@@ -27,7 +27,7 @@ import torch
 from ..client.worker import Worker
 from ..pointers import PointerTensor
 from .beaver import request_triple
-from .ring import gather, move_all, remote_results, send_public
+from .ring import gather, move_all, remote_results, send_value
 
 __all__ = ["open_xor", "and_shares", "add_binary", "msb", "bit_to_arithmetic"]
 
@@ -67,9 +67,9 @@ def and_shares(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], provider:
     e, d = open_xor([x ^ ai for x, ai in zip(xs, a)], [y ^ bi for y, bi in zip(ys, b)])
     out: Shares = []
     for i, (w, ai, bi, ci) in enumerate(zip(parties, a, b, c)):
-        z = ci ^ (send_public(e, w) & bi) ^ (ai & send_public(d, w))
+        z = ci ^ (send_value(e, w) & bi) ^ (ai & send_value(d, w))
         if i == 0:
-            z = z ^ send_public(e & d, w)
+            z = z ^ send_value(e & d, w)
         out.append(z)
     return out
 
@@ -105,9 +105,9 @@ def bit_to_arithmetic(bits: Sequence[torch.Tensor], provider: Worker) -> Shares:
     sign = 1 - 2 * c
     out: Shares = []
     for i, (w, r) in enumerate(zip(parties, r_add)):
-        z = r * send_public(sign, w)
+        z = r * send_value(sign, w)
         if i == 0:
-            z = z + send_public(c, w)
+            z = z + send_value(c, w)
         out.append(z)
     return out
 

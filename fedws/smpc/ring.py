@@ -23,7 +23,7 @@ from ..transport.io_thread import wait
 if TYPE_CHECKING:
     from ..client.worker import Worker
 
-__all__ = ["random_ring", "split_local", "gather", "send_public", "remote_results", "move_all"]
+__all__ = ["random_ring", "split_local", "gather", "send_value", "remote_results", "move_all"]
 
 
 def random_ring(shape: Sequence[int]) -> torch.Tensor:
@@ -60,8 +60,8 @@ def gather(ptrs: Sequence[PointerTensor]) -> list[torch.Tensor]:
     return out
 
 
-def send_public(value: torch.Tensor, worker: Worker) -> PointerTensor:
-    """Send a public tensor (an opened mask, a public operand) to ``worker``."""
+def send_value(value: torch.Tensor, worker: Worker) -> PointerTensor:
+    """Store ``value`` on ``worker`` (a share drawn here, an opened mask, a public operand)."""
     remote_id = new_id()
     seq = worker.store(value, obj_id=remote_id)
     return make_pointer(
@@ -91,10 +91,11 @@ def move_all(ptrs: Sequence[PointerTensor], targets: Sequence[Worker]) -> list[P
     as ``send`` does, each target stores a pointer that owns the object and pulls the data.
     """
     by_source: dict[int, PointerTensor] = {}
-    for p in ptrs:
+    for p, w in zip(ptrs, targets):
         p.check_live()
-        p.seq, _ = p.location.submit(Kind.CMD, "fedws.share", [p.id_at_location], {}, [])
-        by_source[id(p.location)] = p
+        if w is not p.location:
+            p.seq, _ = p.location.submit(Kind.CMD, "fedws.share", [p.id_at_location], {}, [])
+            by_source[id(p.location)] = p
     for last in by_source.values():
         last.wait()
     out = []
