@@ -34,6 +34,7 @@ from .exceptions import (
     ProtocolError,
     RemoteError,
     RoundFailedError,
+    SMPCError,
     StoreFullError,
     WrongThreadError,
 )
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .plans import MultiPointerPlan, Plan, PointerPlan, PointerProtocol, Protocol, State, func2plan
     from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
     from .sandbox import create_sandbox, make_hook
+    from .smpc import AdditiveSharingTensor, FixedPrecisionTensor
     from .virtual import VirtualWorker
 
 _LAZY = {
@@ -78,6 +80,8 @@ _LAZY = {
     "BaseDataset": "datasets",
     "FederatedDataset": "datasets",
     "FederatedDataLoader": "datasets",
+    "AdditiveSharingTensor": "smpc",
+    "FixedPrecisionTensor": "smpc",
 }
 
 __all__ = [
@@ -91,6 +95,8 @@ __all__ = [
     "PointerTensor",
     "PointerParameter",
     "MultiPointerTensor",
+    "AdditiveSharingTensor",
+    "FixedPrecisionTensor",
     "func2plan",
     "Plan",
     "PointerPlan",
@@ -127,6 +133,7 @@ __all__ = [
     "FedwsTimeoutError",
     "WrongThreadError",
     "RoundFailedError",
+    "SMPCError",
 ]
 
 

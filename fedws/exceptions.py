@@ -25,7 +25,8 @@ so code written against ``ConnectionError`` or ``TimeoutError`` keeps working::
     │   └── AuthenticationError       the node refused the token
     ├── FedwsTimeoutError             also a builtin TimeoutError
     ├── WrongThreadError              a blocking call made from the IO thread
-    └── RoundFailedError              a federated round had too few answers (fedws.fl)
+    ├── RoundFailedError              a federated round had too few answers (fedws.fl)
+    └── SMPCError                     secure computation misused or not supported (fedws.smpc)
 
 Errors that happen on a node carry ``worker`` (the node id) and ``obj_id`` (the object the
 command was about) so a message always says where and what.
@@ -56,6 +57,7 @@ __all__ = [
     "FedwsTimeoutError",
     "WrongThreadError",
     "RoundFailedError",
+    "SMPCError",
 ]
 
 
@@ -206,3 +208,8 @@ class RoundFailedError(FedwsError):
         self.answered = list(answered or [])
         self.min_nodes = min_nodes
         self.dropped = dict(dropped or {})
+
+
+class SMPCError(FedwsError):
+    """Secure computation refused: parties that could reconstruct alone, shares of different
+    parties mixed, a float shared without ``fix_precision()``, an op with no sound protocol."""

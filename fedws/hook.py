@@ -29,6 +29,7 @@ from .pointers import (
 )
 from .protocol.ids import new_id
 from .protocol.messages import Kind
+from .smpc import install as install_smpc
 from .transport.io_thread import wait
 from .virtual import VirtualWorker
 
@@ -270,6 +271,7 @@ def _install() -> None:
     nn.Module.move = module_move  # type: ignore[attr-defined]
     nn.Module.location = property(module_location)  # type: ignore[attr-defined]
     torch.utils.data.Dataset.federate = dataset_federate  # type: ignore[attr-defined]
+    install_smpc()
     _installed = True
 
 

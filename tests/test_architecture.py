@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.client", 2, "client"),
     ("fedws.pointers", 3, "pointers"),
     ("fedws.plans", 4, "plans"),
+    ("fedws.smpc", 4, "smpc"),
     ("fedws.fl", 5, "fl"),
     ("fedws.hook", 5, "compose"),
     ("fedws.virtual", 5, "compose"),

@@ -48,7 +48,7 @@ def test_modules_declare_all(package: str) -> None:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"
 
 
-@pytest.mark.parametrize("module", ["fedws.pointers", "fedws.hook", "fedws.exceptions"])
+@pytest.mark.parametrize("module", ["fedws.pointers", "fedws.hook", "fedws.exceptions", "fedws.smpc"])
 def test_core_modules_declare_all(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:

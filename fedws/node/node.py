@@ -85,6 +85,7 @@ from .policy import (
     storage_key,
     written_args,
 )
+from .random_shares import node_ops as smpc_ops
 from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore
 
@@ -102,6 +103,7 @@ _PERMISSION_TEXT = {
     "dp": "take differentially private releases",
     "peers": "make this node link to its peers",
     "status": "see the whole node's status",
+    "smpc": "draw secret shares or Beaver triples (secure computation)",
 }
 
 
@@ -181,6 +183,7 @@ class Node:
             "fedws.share": self._share,
             "fedws.persist": self._persist,
         }
+        self.fedws_ops.update(smpc_ops(self))
         self.policy = policy or Policy()
 
     # -- policy ---------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class Policy:
         return self.mode == PRIVATE
 
 
-PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "status"})
+PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "status", "smpc"})
 """What an operator grants a principal (``[[tokens]] may = [...]``):
 
 - ``compute``: use the data the node serves in commands and plans;
@@ -151,6 +151,7 @@ PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "status"})
 - ``peers``: make the node link to a listed peer (pointer chains, move);
 - ``status``: see the whole node in ``INFO "status"`` (``fedws status``): every session's
   objects, bytes and plans, the connections; without it, only its own session's numbers.
+- ``smpc``: draw secret shares and Beaver triples (``fedws.smpc.*``, secure computation).
 
 A principal's own objects are always its own to compute on, read and delete.
 """
