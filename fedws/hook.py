@@ -26,6 +26,7 @@ from .pointers import (
     parameter_to_pointer,
     pointer_to_parameter,
 )
+from .pointers.compat import install as install_torch_compat
 from .protocol.ids import new_id
 from .protocol.messages import Kind
 from .transport.io_thread import wait
@@ -267,6 +268,9 @@ def _install() -> None:
     nn.Module.get = module_get  # type: ignore[attr-defined]
     nn.Module.copy = module_copy  # type: ignore[attr-defined]
     nn.Module.move = module_move  # type: ignore[attr-defined]
-    nn.Module.location = property(module_location)  # type: ignore[attr-defined]
+    # jit compiles every property of a module class unless marked unused; ours returns a
+    # Worker, which TorchScript cannot type (torch.jit.trace/script failed after hooking).
+    nn.Module.location = torch.jit.unused(property(module_location))  # type: ignore[attr-defined]
+    install_torch_compat()  # TorchScript calls and foreach optimizers on pointers
     _installed = True
 
