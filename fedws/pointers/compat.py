@@ -16,6 +16,8 @@ reaches past it, and both went wrong silently or with a confusing error:
   parameter keeps a CPU shell, the pointers made for it are meta). The patched grouping
   groups pointers by (worker, dtype) instead; the ``torch._foreach_*`` calls that follow
   reach ``__torch_function__`` and run on the worker as allowlisted ops.
+- **Optimizer state** is made where the optimizer decides; a global step pre-hook
+  (:func:`state_follows_params`) keeps each parameter's state on the parameter's worker.
 
 :func:`install` patches both, once per process (``TorchHook`` and the plan tracer call it).
 """
@@ -28,12 +30,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..exceptions import PointerError
 from ..protocol.tree import tree_leaves
 from .tensor import PointerTensor
 
-__all__ = ["install", "python_originals", "python_original", "group_by_location_and_dtype"]
+__all__ = [
+    "install", "python_originals", "python_original", "group_by_location_and_dtype", "state_follows_params",
+]
 
 _state = threading.local()
 _lock = threading.Lock()
@@ -120,6 +125,47 @@ def _grouping(original: Callable[..., Any]) -> Callable[..., Any]:
     return _group_tensors_by_device_and_dtype
 
 
+# Per-parameter scalars optimizers keep on the coordinator and read with .item() (ASGD).
+_LOCAL_STATE = frozenset({"step", "eta", "mu"})
+
+
+def state_follows_params(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Before each step, put every parameter's state where the parameter is.
+
+    An optimizer built before ``model.send(bob)`` (as the tutorials do) may already hold
+    state made locally (Adagrad's sums); a model sent to alice after training on bob finds
+    its moments on bob; a model brought back finds them remote. State tensors shaped like
+    their parameter follow it through the coordinator, as the model did (so two workers
+    need not know each other): sent, brought back, or both. Scalars the
+    optimizer reads locally (``step``, ASGD's ``eta`` and ``mu``) stay local. Registered
+    for every optimizer by :func:`install`; an optimizer that never met a pointer costs
+    one type check per parameter.
+    """
+    remote = optimizer.__dict__.get("_fedws_remote", False)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            is_pointer = isinstance(p, PointerTensor)
+            if not (is_pointer or remote):
+                continue
+            remote = True
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in list(state.items()):
+                if key in _LOCAL_STATE or not isinstance(value, torch.Tensor):
+                    continue
+                if isinstance(value, PointerTensor):
+                    if is_pointer and value.location is p.location:
+                        continue
+                    value = value.get()  # through the coordinator, as the model itself came
+                    state[key] = value
+                if is_pointer and value.shape == p.shape:
+                    send: Any = value.send  # type: ignore[attr-defined]  # TorchHook adds it
+                    state[key] = send(p.location)
+    if remote:
+        optimizer.__dict__["_fedws_remote"] = True
+
+
 def install() -> None:
     """Patch torch's TorchScript function call and optimizer grouping (once; idempotent)."""
     global _installed
@@ -131,4 +177,5 @@ def install() -> None:
         optimizer: Any = torch.optim.Optimizer
         original = optimizer.__dict__["_group_tensors_by_device_and_dtype"].__func__
         optimizer._group_tensors_by_device_and_dtype = staticmethod(_grouping(original))
+        register_optimizer_step_pre_hook(state_follows_params)
         _installed = True
