@@ -41,6 +41,7 @@ from .exceptions import (
     StoreFullError,
     WrongThreadError,
 )
+from . import optim as optim
 from .hook import TorchHook
 from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor
@@ -86,6 +87,7 @@ __all__ = [
     "FedwsTimeoutError",
     "WrongThreadError",
     "RoundFailedError",
+    "optim",
 ]
 
 

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.connecting", 5, "compose"),
     ("fedws.node_config", 5, "compose"),
     ("fedws.node_process", 5, "compose"),
+    ("fedws.optim", 5, "compose"),
     ("fedws.testing", 6, "top"),
     ("fedws.launch", 6, "top"),
     ("fedws.cli", 6, "top"),
