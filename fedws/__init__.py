@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import optim as optim
 from .client.federation import Federation
 from .client.websocket_worker import WebsocketClientWorker
 from .client.worker import Worker
@@ -41,7 +42,6 @@ from .exceptions import (
     StoreFullError,
     WrongThreadError,
 )
-from . import optim as optim
 from .hook import TorchHook
 from .plans import MultiPointerPlan, Plan, PointerPlan, State, func2plan
 from .pointers import MultiPointerTensor, PointerParameter, PointerTensor

@@ -270,7 +270,7 @@ def _install() -> None:
     nn.Module.move = module_move  # type: ignore[attr-defined]
     # jit compiles every property of a module class unless marked unused; ours returns a
     # Worker, which TorchScript cannot type (torch.jit.trace/script failed after hooking).
-    nn.Module.location = torch.jit.unused(property(module_location))  # type: ignore[attr-defined]
+    nn.Module.location = torch.jit.unused(property(module_location))  # type: ignore[attr-defined,arg-type]
     install_torch_compat()  # TorchScript calls and foreach optimizers on pointers
     _installed = True
 

@@ -228,7 +228,7 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-class _Unseen(TorchDispatchMode):
+class _Unseen(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Watches the aten ops no recorded call accounts for (see the module docstring).
 
     The recorder remembers the first such op that read a traced tensor; :func:`trace` refuses the
@@ -237,7 +237,7 @@ class _Unseen(TorchDispatchMode):
     """
 
     def __init__(self, recorder: _Recorder) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.recorder = recorder
 
     def __torch_dispatch__(

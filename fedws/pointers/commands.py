@@ -283,8 +283,9 @@ def remote_call(
     name = name or op_name(func)
     if name is None:
         if isinstance(func, torch._C.ScriptMethod):
+            owner: Any = func.owner
             raise OpNotAllowedError(
-                f"TorchScript module method {func.name!r} of {func.owner._type().name()!r} cannot run on "
+                f"TorchScript module method {func.name!r} of {owner._type().name()!r} cannot run on "
                 "pointers: the script module keeps no Python code to send as commands; call the "
                 "nn.Module itself (or a torch.jit.script function, which keeps its Python original)",
                 op=str(func.name),

@@ -160,7 +160,7 @@ def state_follows_params(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
                     value = value.get()  # through the coordinator, as the model itself came
                     state[key] = value
                 if is_pointer and value.shape == p.shape:
-                    send: Any = value.send  # type: ignore[attr-defined]  # TorchHook adds it
+                    send: Any = value.send  # TorchHook adds it
                     state[key] = send(p.location)
     if remote:
         optimizer.__dict__["_fedws_remote"] = True

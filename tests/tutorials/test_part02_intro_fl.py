@@ -33,7 +33,7 @@ def test_section_2_1_toy_example_trains_centrally(hook, capsys) -> None:
     def train():
         # Training Logic
         opt = optim.SGD(params=model.parameters(), lr=0.1)
-        for iter in range(20):
+        for iter in range(20):  # noqa: B007 - the tutorial's cell as written
             # 1) erase previous gradients (if they exist)
             opt.zero_grad()
 
@@ -100,7 +100,7 @@ def test_federated_sgd(workers, capsys) -> None:
     def train():
         # Training Logic
         opt = optim.SGD(params=model.parameters(), lr=0.1)
-        for iter in range(10):
+        for iter in range(10):  # noqa: B007 - the tutorial's cell as written
 
             # NEW) iterate through each worker's dataset
             for data, target in datasets:
@@ -158,7 +158,7 @@ def test_federated_adam_with_optims(workers, capsys) -> None:
 
     def train():
         # Training Logic
-        for iter in range(10):
+        for iter in range(10):  # noqa: B007 - the tutorial's cell as written
 
             # NEW) iterate through each worker's dataset
             for data, target in datasets:
