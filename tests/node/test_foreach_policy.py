@@ -75,3 +75,37 @@ def test_foreach_cannot_reach_another_sessions_tensor() -> None:
     errors = b.cmd("torch._foreach_mul_", [[ObjRef(2), ObjRef(1)], 3.0], [])
     assert a.error_type(errors) == "PermissionDeniedError"
     assert node.store.get(1).tolist() == [1.0, 1.0]
+
+
+def test_foreach_with_mismatched_lists_is_an_error_not_a_crash() -> None:
+    """Lengths, shapes, dtypes and aliasing a peer can choose: torch checks each, the node
+    answers with errors and keeps running (in a subprocess: a crash would be a signal)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch
+        from fedws.node import Node
+        from fedws.protocol.codec import ObjRef, decode, encode_bytes
+        node = Node("bob")
+        def run(*reqs):
+            return decode(b"".join(node.handle(b"".join(encode_bytes(r) for r in reqs))))
+        run([2, 1, 10, torch.zeros(4), [], None], [2, 2, 11, torch.zeros(1000), [], None],
+            [2, 3, 12, torch.zeros(2, dtype=torch.int8), [], None])
+        _, _, errors = run(
+            [1, 4, "torch._foreach_add_", [[ObjRef(10), ObjRef(11)], [ObjRef(10)]], {}, []],
+            [1, 5, "torch._foreach_add_", [[ObjRef(10)], [ObjRef(11)]], {}, []],
+            [1, 6, "torch._foreach_copy_", [[ObjRef(10)], [ObjRef(11)]], {}, []],
+            [1, 7, "torch._foreach_mul", [[ObjRef(10)], [1.0, 2.0, 3.0]], {}, [20]],
+            [1, 8, "torch._foreach_addcmul_", [[ObjRef(12)], [ObjRef(10)], [ObjRef(11)]], {}, []],
+            [1, 9, "torch._foreach_lerp_", [[], [], 0.5], {}, []],
+        )
+        assert {e[0] for e in errors} >= {4, 5, 6, 7, 8}, errors
+        assert node.store.get(11).sum().item() == 0 and node.store.get(10).sum().item() == 0
+        print("alive")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "alive" in out.stdout, (out.returncode, out.stderr[-2000:])
