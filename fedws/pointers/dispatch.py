@@ -4,7 +4,9 @@ Most torch calls on a pointer become a command (:func:`~.commands.remote_call`).
 module is the table of the exceptions, looked up first by :func:`torch_function`:
 
 - metadata (shape, dtype, ``requires_grad``, ...) is answered from the local meta shell,
-  after asking the node for the shape if it was unknown;
+  after asking the node for the shape if it was unknown; so are the ``torch.*`` functions
+  that only read metadata (``torch.is_complex(param)`` in every optimizer's step);
+- ``ptr.to(device)`` ignores the ``meta`` device: it is where shells live, not a place;
 - ``.grad`` reads and writes, ``.data =``, ``requires_grad =`` and ``backward()`` become
   the commands the node has for them;
 - ``iter(ptr)`` unbinds remotely;
