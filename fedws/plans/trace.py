@@ -270,6 +270,17 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor, Any, bool]]) -> None:
                 t.requires_grad_(rg)
 
 
+def _opaque_call(name: str, op: str) -> PlanError:
+    return PlanError(
+        f"plan {name!r} computes on its inputs or state with a call the tracer cannot see "
+        f"into (aten op {op} ran outside any torch call it recorded): a TorchScript module or "
+        "function without Python source, or a C extension. Replaying its build-time result as a "
+        "constant would be wrong for new inputs, so the plan is not built; call the Python code "
+        "(the nn.Module, or a torch.jit.script function) instead",
+        op=op,
+    )
+
+
 def trace(
     fn: Callable[..., Any],
     args: Sequence[Any],
@@ -298,19 +309,12 @@ def trace(
         with recorder, _Unseen(recorder), python_originals():
             try:
                 out = fn(*args, *extra_args)
-            except RuntimeError:
+            except RuntimeError as exc:  # the opaque call itself may fail after it was noted
                 if recorder.opaque is None:
                     raise
-                out = None  # a TorchScript interpreter failed on what the recorder gave it back
+                raise _opaque_call(name, recorder.opaque) from exc
         if recorder.opaque is not None:
-            raise PlanError(
-                f"plan {name!r} computes on its inputs or state with a call the tracer cannot see "
-                f"into (aten op {recorder.opaque} ran outside any torch call it recorded): a TorchScript "
-                "module or function without Python source, or a C extension. Replaying its "
-                "build-time result as a constant would be wrong for new inputs, so the plan is not "
-                "built; call the Python code (the nn.Module, or a torch.jit.script function) instead",
-                op=recorder.opaque,
-            )
+            raise _opaque_call(name, recorder.opaque)
         outs = [out] if isinstance(out, torch.Tensor) else out
         if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs):
             raise TypeError(f"plan {name!r} must return a tensor or a tuple of tensors, got {type(out).__name__}")
