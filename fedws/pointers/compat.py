@@ -1,16 +1,16 @@
 """The torch machinery that never calls ``__torch_function__``, made to work with pointers.
 
-Pointers see every torch call through ``__torch_function__``, except in two places torch
-reaches past it, and both went wrong silently or with a confusing error:
+Pointers see every torch call through ``__torch_function__``, except where torch reaches
+past it; each went wrong silently or with a confusing error:
 
 - **TorchScript functions.** Calling a ``torch.jit.script`` ed function runs its graph in
   the TorchScript interpreter, which hands pointer arguments straight to the meta kernels:
   results were meta garbage or ``prims::sub is not an allowed remote op``. A plan tracer
   does not see inside either, so the build-time output became a constant. When a call
   carries a pointer, or a plan is being traced (:func:`python_originals`), the patched
-  call runs the function's Python original instead (``torch.jit.script`` keeps it), whose
-  torch calls pointers and tracers do see. A scripted function without one (made by
-  ``torch.jit.trace`` or loaded from a file) is refused with a clear error.
+  call runs the function's Python original instead (``torch.jit.script`` and
+  ``torch.jit.trace`` keep it), whose torch calls pointers and tracers do see. A
+  TorchScript function without one (loaded from a file) is refused with a clear error.
 - **Optimizers with** ``foreach=True`` group their tensors in C++ by device and dtype and
   refuse a parameter whose shell is on another device than its gradient (a sent
   parameter keeps a CPU shell, the pointers made for it are meta). The patched grouping
@@ -19,7 +19,7 @@ reaches past it, and both went wrong silently or with a confusing error:
 - **Optimizer state** is made where the optimizer decides; a global step pre-hook
   (:func:`state_follows_params`) keeps each parameter's state on the parameter's worker.
 
-:func:`install` patches both, once per process (``TorchHook`` and the plan tracer call it).
+:func:`install` patches all three, once per process (``TorchHook`` and the plan tracer call it).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _script_function_call(original_call: Callable[..., Any]) -> Callable[..., An
                 name = getattr(self, "qualified_name", None) or getattr(self, "name", "?")
                 raise PointerError(
                     f"TorchScript function {name!r} cannot run on pointers: it has no Python "
-                    "source to run (torch.jit.trace or torch.jit.load made it); call the Python "
+                    "source to run (torch.jit.load made it); call the Python "
                     "function, or a torch.jit.script of it, instead"
                 )
             # tracing: the plan tracer notices that it could not see inside and refuses

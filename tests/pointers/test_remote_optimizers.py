@@ -149,3 +149,32 @@ def test_one_optimizer_follows_the_model_between_workers(make_worker) -> None:
     assert not any(isinstance(v, sy.PointerTensor) for s in opt.state.values() for v in s.values())
     for p_local, p_remote in zip(local.parameters(), remote.parameters()):
         torch.testing.assert_close(p_remote.data, p_local.data, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_one_optimizer_over_parameters_on_two_workers(make_worker, foreach: bool) -> None:
+    """foreach groups by worker: each worker's tensors are updated by that worker's ops."""
+    bob, alice = make_worker("bob"), make_worker("alice")
+    torch.manual_seed(0)
+    local = [nn.Linear(2, 2), nn.Linear(2, 1)]
+    remote = copy.deepcopy(local)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    opt_local = torch.optim.Adam([p for m in local for p in m.parameters()], lr=0.1, foreach=foreach)
+    opt = torch.optim.Adam([p for m in remote for p in m.parameters()], lr=0.1, foreach=foreach)
+    remote[0].send(bob)
+    remote[1].send(alice)
+    xb, ya = x.send(bob), y.send(alice)
+    for _ in range(2):
+        for o, (first, second), (d, t), (z0, z1) in (
+            (opt_local, local, (x, y), (torch.zeros(4, 2), torch.zeros(4, 2))),
+            (opt, remote, (xb, ya), (torch.zeros(4, 2).send(bob), torch.zeros(4, 2).send(alice))),
+        ):
+            o.zero_grad()
+            ((first(d) - z0) ** 2).mean().backward()  # a loss on each worker
+            ((second(z1) - t) ** 2).mean().backward()
+            o.step()
+    assert {v.location.id for s in opt.state.values() for k, v in s.items() if k != "step"} == {"bob", "alice"}
+    for m_local, m_remote in zip(local, remote):
+        m_remote.get()
+        for p, q in zip(m_local.parameters(), m_remote.parameters()):
+            torch.testing.assert_close(q.data, p.data, atol=1e-5, rtol=1e-4)
