@@ -178,3 +178,19 @@ def test_one_optimizer_over_parameters_on_two_workers(make_worker, foreach: bool
         m_remote.get()
         for p, q in zip(m_local.parameters(), m_remote.parameters()):
             torch.testing.assert_close(q.data, p.data, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam"])
+def test_optimizer_built_after_send(make_worker, name: str) -> None:
+    """Built on a sent model, state is made on the worker from the first step (Adagrad: at once)."""
+    bob = make_worker("bob")
+    local, data, target = _data()
+    remote = copy.deepcopy(local)
+    _train(local, getattr(torch.optim, name)(local.parameters(), lr=0.1), data, target, 2, True)
+    remote.send(bob)
+    opt = getattr(torch.optim, name)(remote.parameters(), lr=0.1)
+    _train(remote, opt, data.send(bob), target.send(bob), 2, True)
+    assert all(v.location is bob for s in opt.state.values() for k, v in s.items() if k != "step")
+    remote.get()
+    for p, q in zip(local.parameters(), remote.parameters()):
+        torch.testing.assert_close(q.data, p.data, atol=1e-5, rtol=1e-4)
