@@ -43,6 +43,7 @@ from .version import __version__ as __version__
 # Everything that needs torch is imported on first use (PEP 562), so ``fedws --help`` and
 # ``fedws status`` start in a tenth of a second. A new export goes in both lists below.
 if TYPE_CHECKING:
+    from . import optim as optim
     from .client.federation import Federation
     from .client.websocket_worker import WebsocketClientWorker
     from .client.worker import Worker
@@ -134,6 +135,7 @@ __all__ = [
     "WrongThreadError",
     "RoundFailedError",
     "SMPCError",
+    "optim",
 ]
 
 
@@ -145,10 +147,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value  # the next lookup is a plain attribute
         return value
-    if name == "hook":  # PySyft's ``sy.hook.local_worker``: the module answers it
+    if name in ("hook", "optim"):  # modules: ``sy.optim.Optims``, PySyft's ``sy.hook.local_worker``
         import importlib
 
-        return importlib.import_module(".hook", __name__)
+        return importlib.import_module(f".{name}", __name__)
     if name == "local_worker":  # the latest hook's worker "me" (the default federation's), as in the seed
         from .hook import current_federation, default_federation
 

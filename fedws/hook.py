@@ -27,6 +27,7 @@ from .pointers import (
     parameter_to_pointer,
     pointer_to_parameter,
 )
+from .pointers.compat import install as install_torch_compat
 from .protocol.ids import new_id
 from .protocol.messages import Kind
 from .smpc import install as install_smpc
@@ -269,7 +270,10 @@ def _install() -> None:
     nn.Module.get = module_get  # type: ignore[attr-defined]
     nn.Module.copy = module_copy  # type: ignore[attr-defined]
     nn.Module.move = module_move  # type: ignore[attr-defined]
-    nn.Module.location = property(module_location)  # type: ignore[attr-defined]
+    # jit compiles every property of a module class unless marked unused; ours returns a
+    # Worker, which TorchScript cannot type (torch.jit.trace/script failed after hooking).
+    nn.Module.location = torch.jit.unused(property(module_location))  # type: ignore[attr-defined,arg-type]
+    install_torch_compat()  # TorchScript calls and foreach optimizers on pointers
     torch.utils.data.Dataset.federate = dataset_federate  # type: ignore[attr-defined]
     install_smpc()
     _installed = True

@@ -13,6 +13,7 @@ from typing import Any
 from .client.worker import Worker, executing_on
 from .datasets import dataset_tensors
 from .node import Node
+from .node.interpreter import in_node_torch_state
 from .node.policy import Caller
 from .protocol.codec import PointerRef
 from .protocol.ids import new_id
@@ -82,7 +83,8 @@ class VirtualWorker(Worker):
         """
         token = executing_on.set(self)
         try:
-            return self.node.handle(frame, caller)
+            # In the torch state a node process has, not the caller's (modes, excluded keys).
+            return in_node_torch_state(self.node.handle, frame, caller)
         finally:
             executing_on.reset(token)
 

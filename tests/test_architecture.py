@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.grid", 5, "compose"),
     ("fedws.sandbox", 5, "compose"),
     ("fedws.datasets", 5, "compose"),
+    ("fedws.optim", 5, "compose"),
     ("fedws.testing", 6, "top"),
     ("fedws.launch", 6, "top"),
     ("fedws.cli", 6, "top"),

@@ -10,10 +10,12 @@ node turns what they raise into error replies and stores failures under the resu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from ..exceptions import DependencyError, FedwsError, MemoryBudgetError, PlanError
 from ..protocol.codec import ObjRef
@@ -25,8 +27,64 @@ from .store import Failure, ObjectStore
 
 __all__ = [
     "execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "local_resolver",
-    "TENSOR_FEDWS_OPS", "load_plan", "check_call",
+    "TENSOR_FEDWS_OPS", "load_plan", "check_call", "in_node_torch_state",
 ]
+
+_R = TypeVar("_R")
+
+
+def _thread_default_keys() -> tuple[Any, Any]:
+    """The dispatch keys a fresh thread includes and excludes (a node process's own state)."""
+    out: list[tuple[Any, Any]] = []
+    t = threading.Thread(
+        target=lambda: out.append(
+            (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+        )
+    )
+    t.start()
+    t.join()
+    return out[0]
+
+
+_DEFAULT_KEYS = _thread_default_keys()
+
+
+def _torch_state_is_clean() -> bool:
+    return (
+        torch._C._len_torch_function_stack() == 0
+        and not _get_current_dispatch_mode_stack()
+        and not torch.is_inference_mode_enabled()
+        and torch._C._dispatch_tls_local_include_set() == _DEFAULT_KEYS[0]
+        and torch._C._dispatch_tls_local_exclude_set() == _DEFAULT_KEYS[1]
+    )
+
+
+def in_node_torch_state(fn: Callable[..., _R], *args: Any) -> _R:
+    """``fn(*args)`` in the torch state of a thread of its own, as a node process has.
+
+    An in-process node runs in its caller's thread, so it inherited the caller's
+    thread-local torch state: torch function and dispatch modes, inference mode, and the
+    dispatch keys a kernel excludes while it runs (a TorchScript function calling back into
+    Python runs below autograd, and the node's results then had no autograd:
+    ``element 0 of tensors does not require grad``, where a real node trained). Running a
+    frame in a clean state makes a VirtualWorker compute exactly what a node process does.
+    Grad mode is not touched: every command carries its own. Free when the state is clean.
+    """
+    if _torch_state_is_clean():
+        return fn(*args)
+    modes = []
+    while torch._C._len_torch_function_stack() > 0:
+        modes.append(torch._C._pop_torch_function_stack())
+    try:
+        with (
+            _disable_current_modes(),
+            torch.inference_mode(False),
+            torch._C._ForceDispatchKeyGuard(*_DEFAULT_KEYS),
+        ):
+            return fn(*args)
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 def _set_grad(tensor: torch.Tensor, grad: torch.Tensor | None) -> None:

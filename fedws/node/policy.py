@@ -187,12 +187,16 @@ def written_args(op: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
     """The tensors ``op(*args, **kwargs)`` may write into (its in-place targets).
 
     First argument of in-place ops (``add_``, ``__iadd__``, ``__setitem__``, ``.grad =``,
-    ``.data =``, ``inplace=True``), whatever ``out=`` names, and every tensor argument of
+    ``.data =``, ``inplace=True``; every tensor of it for ``torch._foreach_*_``), whatever ``out=`` names, and every tensor argument of
     the few functions that update running statistics.
     """
     out: list[Any] = []
     if args and (op in _SET_OPS or is_inplace(op) or kwargs.get("inplace") is True):
-        out.append(args[0])
+        first = args[0]
+        if isinstance(first, (list, tuple)):  # torch._foreach_*_: every tensor of the list
+            out.extend(first)
+        else:
+            out.append(first)
     if "out" in kwargs:
         target = kwargs["out"]
         out.extend(target if isinstance(target, (list, tuple)) else [target])

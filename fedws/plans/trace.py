@@ -8,6 +8,13 @@ only read metadata (``dtype``, ``requires_grad``, a comparison turned into ``boo
 and are not recorded: their value is fixed at trace time, like the path through ``if``
 and ``for``. ``.shape`` and ``.size()`` are the exception: sizes used as op arguments are
 re-read on the worker, so a plan built with mock shapes works on batches of any size.
+
+What the mode cannot see it must not freeze. A ``torch.jit.script`` ed function runs as its
+Python original while tracing (:func:`~fedws.pointers.compat.python_originals`), so its
+torch calls are recorded. Anything else that computes on traced tensors behind torch's
+back (a traced or loaded TorchScript module, a C extension) is caught by a dispatch-level
+watcher: an aten op outside every recorded call that reads a traced tensor means the plan
+would replay a build-time value as a constant, so the build fails with a PlanError.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves as torch_leaves
 
-from ..exceptions import OpNotAllowedError
+from ..exceptions import OpNotAllowedError, PlanError
 from ..node.interpreter import flat_outputs, flat_tensors
+from ..pointers.compat import install as install_torch_compat
+from ..pointers.compat import python_originals
 from ..protocol.codec import ObjRef
 from ..protocol.ops import op_name
 from ..protocol.plan import Op, PlanCode
@@ -99,6 +110,15 @@ class _Recorder(TorchFunctionMode):
         for t in state:
             self._new_slot(t)
         self.captured: list[torch.Tensor] = []  # tensors met as arguments that came from outside
+        self.depth = 0  # > 0 while a recorded call runs: the aten ops below it are its own
+        self.opaque: str | None = None  # the first op on traced tensors the recorder could not see
+
+    def note_opaque(self, op: Any, args: Any, kwargs: Any) -> None:
+        """Remember ``op`` if it reads a traced tensor from outside every recorded call."""
+        if self.opaque is None and any(
+            isinstance(t, torch.Tensor) and id(t) in self.slots for t in torch_leaves((args, kwargs))
+        ):
+            self.opaque = str(getattr(op, "__name__", op))
 
     def _new_slot(self, obj: Any) -> int:
         slot = self.n_regs
@@ -160,6 +180,16 @@ class _Recorder(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        self.depth += 1
+        try:
+            return self._record(func, args, kwargs)
+        finally:
+            self.depth -= 1
+
+    def _record(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        if isinstance(func, torch._ops.OpOverload):  # an aten op a TorchScript interpreter runs
+            self.note_opaque(func, args, kwargs)
+            return func(*args, **kwargs)
         if func in _SHAPE_GETTERS or (func is _T.size and not kwargs):
             out = func(*args, **kwargs)
             src = args[0]
@@ -198,6 +228,27 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+class _Unseen(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Watches the aten ops no recorded call accounts for (see the module docstring).
+
+    The recorder remembers the first such op that read a traced tensor; :func:`trace` refuses the
+    plan after the function returned (raising inside a TorchScript interpreter would reach
+    the user as a RuntimeError of its own).
+    """
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.recorder = recorder
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.recorder.depth == 0:
+            self.recorder.note_opaque(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
 def _snapshot(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, Any, bool]]:
     with torch.no_grad():
         return [
@@ -219,6 +270,17 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor, Any, bool]]) -> None:
                 t.requires_grad_(rg)
 
 
+def _opaque_call(name: str, op: str) -> PlanError:
+    return PlanError(
+        f"plan {name!r} computes on its inputs or state with a call the tracer cannot see "
+        f"into (aten op {op} ran outside any torch call it recorded): a TorchScript module or "
+        "function without Python source, or a C extension. Replaying its build-time result as a "
+        "constant would be wrong for new inputs, so the plan is not built; call the Python code "
+        "(the nn.Module, or a torch.jit.script function) instead",
+        op=op,
+    )
+
+
 def trace(
     fn: Callable[..., Any],
     args: Sequence[Any],
@@ -235,14 +297,24 @@ def trace(
 
     Raises:
         OpNotAllowedError: ``fn`` uses a torch callable outside the allowlist.
+        PlanError: ``fn`` computes on traced tensors where the tracer cannot see (an
+            opaque call), so the plan would replay a build-time value.
         TypeError: ``fn`` returns something other than tensors.
     """
+    install_torch_compat()
     inputs = flat_tensors(list(args))
     saved = _snapshot([*inputs, *state])
     recorder = _Recorder(inputs, list(state))
     try:
-        with recorder:
-            out = fn(*args, *extra_args)
+        with recorder, _Unseen(recorder), python_originals():
+            try:
+                out = fn(*args, *extra_args)
+            except RuntimeError as exc:  # the opaque call itself may fail after it was noted
+                if recorder.opaque is None:
+                    raise
+                raise _opaque_call(name, recorder.opaque) from exc
+        if recorder.opaque is not None:
+            raise _opaque_call(name, recorder.opaque)
         outs = [out] if isinstance(out, torch.Tensor) else out
         if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs):
             raise TypeError(f"plan {name!r} must return a tensor or a tuple of tensors, got {type(out).__name__}")

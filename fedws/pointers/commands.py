@@ -242,6 +242,25 @@ _SHAPE_CHANGING = (
 )
 
 
+def _into_out(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], name: str) -> Any:
+    """``f(..., out=ptr)`` as ``ptr.copy_(f(...))`` on the node (optimizers write ``out=``).
+
+    Only pointers of the same call can be written to; the result must fit ``out`` exactly
+    (torch would resize ``out``; a pointer's shell cannot follow a resize it did not see).
+    """
+    out = kwargs["out"]
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    if not all(isinstance(o, PointerTensor) for o in outs):
+        raise PointerError(f"{name}: out= on pointers must name pointers")
+    result = remote_call(func, args, {k: v for k, v in kwargs.items() if k != "out"}, name=name)
+    results = list(result) if isinstance(result, (tuple, list)) else [result]
+    if len(results) != len(outs):
+        raise PointerError(f"{name}: out= names {len(outs)} tensors, the op returns {len(results)}")
+    for o, r in zip(outs, results):
+        remote_call(torch.Tensor.copy_, (o, r), {})
+    return out
+
+
 def remote_call(
     func: Callable[..., Any],
     args: Sequence[Any],
@@ -258,17 +277,25 @@ def remote_call(
 
     Raises:
         OpNotAllowedError: ``func`` is not in the allowlist.
-        PointerError: ``out=`` was given.
+        PointerError: ``out=`` names something other than pointers.
         LocationError: see :func:`scan_args`.
     """
     name = name or op_name(func)
     if name is None:
+        if isinstance(func, torch._C.ScriptMethod):
+            owner: Any = func.owner
+            raise OpNotAllowedError(
+                f"TorchScript module method {func.name!r} of {owner._type().name()!r} cannot run on "
+                "pointers: the script module keeps no Python code to send as commands; call the "
+                "nn.Module itself (or a torch.jit.script function, which keeps its Python original)",
+                op=str(func.name),
+            )
         raise OpNotAllowedError(
             f"{getattr(func, '__qualname__', func)!r} is not an allowed remote op",
             op=str(getattr(func, "__name__", func)),
         )
     if "out" in kwargs and kwargs["out"] is not None:
-        raise PointerError(f"{name}: out= is not supported on pointers; use the returned pointer")
+        return _into_out(func, args, kwargs, name)
     scan = ArgScan()  # scan_args, inlined: this is the per-op hot path
     wire_args = [scan.wire(a) for a in args]
     wire_kwargs = {k: scan.wire(v) for k, v in kwargs.items()} if kwargs else {}
@@ -290,5 +317,9 @@ def remote_call(
         spec = infer_spec(func, args, kwargs, scan)
     ids = take_result_ids(result_count(spec))
     seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, ids, *grad_mode())
+    if args and type(args[0]) is list and name.startswith("torch._foreach_") and is_inplace(name):
+        for t in args[0]:  # each changed tensor's get() must see this op's error, if any
+            if isinstance(t, PointerTensor):
+                t.seq = seq
     rg = scan.any_grad and torch.is_grad_enabled() and name not in _NON_DIFFERENTIABLE
     return build_results(spec, iter(ids), location, target.owner, seq, rg)

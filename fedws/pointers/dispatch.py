@@ -4,7 +4,9 @@ Most torch calls on a pointer become a command (:func:`~.commands.remote_call`).
 module is the table of the exceptions, looked up first by :func:`torch_function`:
 
 - metadata (shape, dtype, ``requires_grad``, ...) is answered from the local meta shell,
-  after asking the node for the shape if it was unknown;
+  after asking the node for the shape if it was unknown; so are the ``torch.*`` functions
+  that only read metadata (``torch.is_complex(param)`` in every optimizer's step);
+- ``ptr.to(device)`` ignores the ``meta`` device: it is where shells live, not a place;
 - ``.grad`` reads and writes, ``.data =``, ``requires_grad =`` and ``backward()`` become
   the commands the node has for them;
 - ``iter(ptr)`` unbinds remotely;
@@ -89,6 +91,28 @@ def _iter(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any])
     return iter(remote_call(torch.Tensor.unbind, (args[0], 0), {}))
 
 
+def _is_shell_device(x: Any) -> bool:
+    if isinstance(x, torch.device):
+        return x.type == "meta"
+    return isinstance(x, str) and x.partition(":")[0] == "meta"
+
+
+def _to(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``ptr.to(other.device)``: the meta device is where pointer shells live, not a place.
+
+    torch code moves tensors to a neighbour's device (``clip_grad_norm_`` stacks norms
+    ``.to(first_device)``); for a pointer that device is the shell's ``meta``, which on the
+    node would drop the data. A meta device argument is ignored; nothing left: no change.
+    """
+    rest = [a for a in args[1:] if not _is_shell_device(a)]
+    kw = {k: v for k, v in kwargs.items() if not (k == "device" and _is_shell_device(v))}
+    if len(rest) == len(args) - 1 and len(kw) == len(kwargs):
+        return remote_call(func, args, kwargs)
+    if not rest and not kw:
+        return args[0]
+    return remote_call(func, (args[0], *rest), kw)
+
+
 def _data_dependent(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     name = getattr(func, "__name__", str(func))
     raise PointerError(
@@ -100,7 +124,7 @@ def _data_dependent(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[
 _T: Any = torch.Tensor  # Any: the stubs type properties as values, not descriptors
 _SHAPE_QUERIES = {
     _T.shape.__get__, _T.size, _T.dim, _T.ndim.__get__, _T.numel, _T.nelement,
-    _T.__len__, _T.ndimension, _T.stride,
+    _T.__len__, _T.ndimension, _T.stride, torch.numel,
 }
 _METADATA = (
     "dtype", "requires_grad", "is_leaf", "device", "layout", "is_sparse", "is_quantized",
@@ -115,8 +139,22 @@ _DATA_DEPENDENT = (
 LOCAL: dict[Any, Handler] = {}
 """Torch callables (functions, methods, property getters/setters) handled here, not sent as-is."""
 
+# torch.* functions that read only metadata (optimizers ask torch.is_complex(param)): answered
+# from the shell like their Tensor-method twins, never sent as commands that return pointers.
+_METADATA_FUNCTIONS = tuple(
+    getattr(torch, n)
+    for n in (
+        "is_complex", "is_floating_point", "is_conj", "is_neg", "is_signed", "is_inference", "numel",
+        "is_same_size", "result_type", "can_cast",
+    )
+    if hasattr(torch, n)
+)
+
 for _f in (
     *_SHAPE_QUERIES,
+    *_METADATA_FUNCTIONS,
+    _T.is_conj,
+    _T.is_neg,
     *(getattr(_T, n).__get__ for n in _METADATA if hasattr(_T, n)), _T.element_size, _T.is_floating_point,
     _T.is_complex, _T.is_signed, _T.__hash__, _T.is_contiguous, _T._is_view, _T.get_device, _T.is_inference,
     _T.dim_order,
@@ -129,7 +167,8 @@ LOCAL[_T.data.__set__] = _setter("fedws.set_data")
 LOCAL[_T.requires_grad.__set__] = _requires_grad_set
 LOCAL[_T.backward] = _backward
 LOCAL[_T.__iter__] = _iter
-for _f in _DATA_DEPENDENT:
+for _f in (*_DATA_DEPENDENT, torch.is_nonzero):
     LOCAL[_f] = _data_dependent
+LOCAL[_T.to] = _to
 
 install_torch_function(LOCAL, remote_call)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "OPS", "op_name", "resolve", "is_inplace", "FEDWS_OPS", "DENIED", "DENIED_PREFIXES", "DENIED_MODULES",
-    "DENIED_WORDS",
+    "DENIED_WORDS", "FOREACH_PREFIX",
 ]
 
 # Never allowed, whatever namespace they are found in.
@@ -112,6 +112,9 @@ _DUNDERS = frozenset(
 )
 _TENSOR_PROPERTIES = ("grad", "data", "T", "mT", "H", "mH", "real", "imag")
 
+FOREACH_PREFIX = "_foreach_"
+"""The one private prefix the table takes: torch's multi-tensor math (see ``_build``)."""
+
 # fedws's own node ops; the node implements them (they are names, not torch callables).
 FEDWS_OPS: frozenset[str] = frozenset(
     {"fedws.set_grad", "fedws.set_data", "fedws.remote_get"}
@@ -191,6 +194,14 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
 
     for attr in _TENSOR_PROPERTIES:
         add(f"Tensor.{attr}", getattr(torch.Tensor, attr).__get__)
+
+    # torch._foreach_*: what optimizers (foreach=True) and clip_grad_norm_ call on lists of
+    # tensors. Each is its per-tensor op in a loop; torch checks the lists' lengths and every
+    # pair's sizes, so they are as safe as the per-tensor ops (the private prefix is why the
+    # loop above skips them).
+    for attr in sorted(dir(torch)):
+        if attr.startswith(FOREACH_PREFIX) and not _denied(attr[1:]):
+            add(f"torch.{attr}", getattr(torch, attr))
     return by_name, by_func
 
 

@@ -62,7 +62,9 @@ def test_every_name_lives_in_an_allowed_namespace() -> None:
 def test_no_op_reaches_outside_the_tensor(name: str) -> None:
     attr = _attr(name)
     assert attr not in DENIED
-    assert not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")), name
+    assert not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")) or (
+        name.startswith("torch._foreach_")
+    ), name
     if name not in FORBIDDEN_WORDS_OK:
         assert not FORBIDDEN_WORDS.search(attr), f"{name} looks like it reaches outside the tensor"
     fn = OPS[name]
@@ -107,6 +109,16 @@ def test_dangerous_modules_are_not_in_the_table() -> None:
     for name in OPS:
         assert not name.startswith(("torch.ops.", "torch.jit.", "torch.hub.", "torch.cuda.",
                                     "torch.backends.", "torch.utils.", "torch.autograd."))
+
+
+def test_foreach_ops_are_the_per_tensor_math_ops() -> None:
+    """torch._foreach_* are allowed (optimizers with foreach=True), and only where the op
+    without the prefix would be: the private prefix lets nothing else in."""
+    foreach = [n for n in OPS if n.startswith("torch._")]
+    assert "torch._foreach_add_" in foreach and "torch._foreach_norm" in foreach
+    for name in foreach:
+        assert name.startswith("torch._foreach_"), name
+        assert OPS[name] is getattr(torch, _attr(name))
 
 
 def test_resolve_and_op_name_agree() -> None:
