@@ -3,12 +3,10 @@
 Substitutions: ``import fedws as sy``; ``sy.create_sandbox(globals())`` becomes workers from
 the ``make_worker`` fixture holding a synthetic Boston-shaped regression set (13 features),
 sent as tagged tensors exactly as PySyft's sandbox did (``#boston #data`` / ``#boston
-#target``); ``grid.search(...)`` is ``sy.PrivateGridNetwork(*workers).search(...)`` where this
-tree has it, else the same per-worker dict built from ``worker.search``; ``epochs`` is 4.
+#target``); ``grid`` is ``sy.PrivateGridNetwork(*workers)``; ``epochs`` is 4.
 
 The tutorial's optimizer cell (one ``th.optim.Adam`` per worker, over the same model) runs
-as written when the tree's optimizers step remote models; until then the Adam variant is an
-expected failure and the SGD variant (the same cell with ``th.optim.SGD``) must train.
+as written; the same cell with ``th.optim.SGD`` must train too.
 """
 # ruff: noqa: UP008, UP032, UP039, B007  (the tutorial's cells, as written)
 
@@ -46,19 +44,13 @@ def sandbox(workers: list[sy.Worker]) -> list[Any]:
 
 
 def grid_search(workers: list[sy.Worker], *tags: str) -> dict[str, list[Any]]:
-    grid_class = getattr(sy, "PrivateGridNetwork", None)
-    if grid_class is not None:
-        return dict(grid_class(*workers).search(*tags))
-    return {w.id: found for w in workers if (found := w.search(*tags))}
+    return dict(sy.PrivateGridNetwork(*workers).search(*tags))
 
 
 @pytest.mark.parametrize(
     "optimizer_class",
     [
-        pytest.param("Adam", marks=pytest.mark.xfail(
-            raises=sy.PointerError, strict=False,
-            reason="torch.optim.Adam steps a remote model once the torch-compat work is merged",
-        )),
+        "Adam",
         "SGD",
     ],
 )
