@@ -119,5 +119,7 @@ def test_part07_federated_dataset(
     assert "['bob', 'alice', 'jon']" in out
     totals = [float(v) for v in re.findall(r"Total loss ([0-9.e+-]+)", out)]
     assert len(totals) == epochs and len(train_loader) == 6  # 40, 45, 50 rows: 2 batches each
-    assert totals[-1] < 0.7 * totals[0]  # the model learns
+    # The model learns (Adam at lr=1e-2 moves each weight by ~1e-2 a step: slower on this set).
+    assert totals[-1] < (0.7 if optimizer_class == "SGD" else 0.9) * totals[0]
+    assert totals == sorted(totals, reverse=True)
     assert len(owners) == 6
