@@ -84,14 +84,14 @@ class DPConfig:
 
 def update_norm(update: dict[str, torch.Tensor]) -> float:
     """The L2 norm of a whole update (every floating-point entry taken as one vector)."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(v.double())) ** 2 for v in update.values()))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(v.detach().double())) ** 2 for v in update.values()))
 
 
 def clip_update(update: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
     """``update`` scaled down (never up) so its joint L2 norm is at most ``clip`` (float64)."""
     norm = update_norm(update)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {k: v.double() * scale for k, v in update.items()}
+    return {k: v.detach().double() * scale for k, v in update.items()}
 
 
 def central_dp_average(
@@ -174,9 +174,9 @@ class Privacy:
         keys = float_keys(global_state)
         if cfg.mode == "local":
             total = sum(n for _, n in updates)
-            delta = {k: sum(u[k].double() * (n / total) for u, n in updates) for k in keys}
+            delta = {k: sum(u[k].detach().double() * (n / total) for u, n in updates) for k in keys}
         else:
-            deltas = [{k: u[k].double() - global_state[k].double() for k in keys} for u, _ in updates]
+            deltas = [{k: u[k].detach().double() - global_state[k].double() for k in keys} for u, _ in updates]
             delta = central_dp_average(deltas, cfg.clip, cfg.noise_multiplier, self.generator)
         out = dict(global_state)
         for k in keys:
