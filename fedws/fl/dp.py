@@ -174,7 +174,7 @@ class Privacy:
         keys = float_keys(global_state)
         if cfg.mode == "local":
             total = sum(n for _, n in updates)
-            delta = {k: sum(u[k].detach().double() * (n / total) for u, n in updates) for k in keys}
+            delta = {k: torch.stack([u[k].detach().double() * (n / total) for u, n in updates]).sum(0) for k in keys}
         else:
             deltas = [{k: u[k].detach().double() - global_state[k].double() for k in keys} for u, _ in updates]
             delta = central_dp_average(deltas, cfg.clip, cfg.noise_multiplier, self.generator)

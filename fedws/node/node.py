@@ -60,6 +60,7 @@ from ..protocol.ops import resolve
 from ..protocol.plan import PlanCode
 from ..protocol.tree import tree_map
 from .audit import Audit
+from .dp_ops import node_ops as dp_ops
 from .interpreter import (
     TENSOR_FEDWS_OPS,
     StoredPlan,
@@ -85,7 +86,6 @@ from .policy import (
     storage_key,
     written_args,
 )
-from .dp_ops import node_ops as dp_ops
 from .random_shares import node_ops as smpc_ops
 from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore

@@ -152,8 +152,12 @@ def test_private_node_refuses_attackers_and_nodes_without_a_rule() -> None:
     c = Caller(no_rule, "lab-a", "c" * 32)
     c.send(Kind.CMD, "torch.mul", [ObjRef(1000), 2.0], {}, [10])
     assert "no differentially private release rule" in str(c.error(Kind.CMD, OP, [[ObjRef(10)], 1.0, 5.0, None], {}, [11]))
-    # a release in a plan step is not a way out: the flag does not outlive its command
     assert "private" in str(c.error(Kind.GET, 10, False))
+    # a release marks only its own results: the next private computation stays private
+    assert a.error(Kind.CMD, OP, [[ObjRef(10)], 1.0, 1.0, None], {}, [30]) is None
+    assert a.send(Kind.GET, 30, True)[1] == []
+    assert a.error(Kind.CMD, "torch.mul", [ObjRef(1000), 3.0], {}, [31]) is None
+    assert "private" in str(a.error(Kind.GET, 31, False))
 
 
 # -- coordinator arithmetic and accounting --------------------------------------------------
@@ -287,3 +291,13 @@ def test_dp_sgd_trains_a_toy_model() -> None:
         for lo in range(0, 256, 64):
             dp_sgd_step(model, torch.nn.functional.cross_entropy, x[lo : lo + 64], y[lo : lo + 64], 1.0, 1.0, g, 0.5)
     assert float(torch.nn.functional.cross_entropy(model(x), y).detach()) < first * 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order")
+def test_readme_snippet_runs() -> None:
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    start = text.index("```python", text.index("### Differential privacy")) + len("```python")
+    scope: dict[str, Any] = {}
+    exec(text[start : text.index("```", start)], scope)  # noqa: S102  # our own README
+    eps = scope["history"].epsilons
+    assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
