@@ -43,6 +43,7 @@ from .version import __version__ as __version__
 # Everything that needs torch is imported on first use (PEP 562), so ``fedws --help`` and
 # ``fedws status`` start in a tenth of a second. A new export goes in both lists below.
 if TYPE_CHECKING:
+    from . import fl as fl
     from . import optim as optim
     from .client.federation import Federation
     from .client.websocket_worker import WebsocketClientWorker
@@ -136,6 +137,7 @@ __all__ = [
     "RoundFailedError",
     "SMPCError",
     "optim",
+    "fl",
 ]
 
 
@@ -147,7 +149,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value  # the next lookup is a plain attribute
         return value
-    if name in ("hook", "optim"):  # modules: ``sy.optim.Optims``, PySyft's ``sy.hook.local_worker``
+    if name in ("hook", "optim", "fl"):  # modules: ``sy.optim.Optims``, PySyft's ``sy.hook.local_worker``
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .aggregate import fedavg, fedavg_weights, validate_updates
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
+from .dp import DPConfig, dp_sgd_step
 from .evaluate import evaluate
 from .fedavg import FedAvg, train_federated
 from .history import History, RoundMetrics
@@ -35,4 +36,6 @@ __all__ = [
     "evaluate",
     "sample_nodes",
     "training_plan_digest",
+    "DPConfig",
+    "dp_sgd_step",
 ]

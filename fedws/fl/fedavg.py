@@ -33,6 +33,7 @@ from ..pointers import PointerTensor
 from .aggregate import fedavg
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
+from .dp import DPConfig, Privacy, start_dp_release
 from .evaluate import evaluate
 from .history import History, RoundMetrics
 from .local_training import (
@@ -74,6 +75,9 @@ class FedAvg:
             continues from it.
         progress: show a tqdm bar; None shows it on a terminal and in a Jupyter notebook (a widget when ipywidgets is installed).
         on_round: called with each round's metrics (printing, early stopping by raising).
+        dp: differential privacy (:class:`~fedws.fl.dp.DPConfig`): each node clips and
+            noises its update itself (``mode="local"``) or the coordinator clips the
+            updates and noises their average (``"central"``); epsilon per round in History.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class FedAvg:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
+        dp: DPConfig | None = None,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -108,6 +113,9 @@ class FedAvg:
         self.history = History()
         self._data: dict[str, NodeData] = {}
         self._plans = TrainingPlans()  # the training-step plan, traced once, kept on the nodes
+        if dp is not None and aggregator is not None:
+            raise ValueError("FedAvg: dp= and aggregator= do not combine (the aggregator would see raw updates)")
+        self.dp = Privacy(dp) if dp is not None else None
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
 
@@ -167,6 +175,7 @@ class FedAvg:
 
         self._discover([w for w in selected if w.id not in self._data], deadline, drop)
         runs: dict[str, LocalRun] = {}
+        global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         for w in selected:
             if w.id in dropped:
                 continue
@@ -177,9 +186,11 @@ class FedAvg:
                     cfg,
                     round_number=round_number,
                     loss_fn=self.loss_fn,
-                    fetch_state=self.aggregator is None,
+                    fetch_state=self.aggregator is None and (self.dp is None or self.dp.config.mode == "central"),
                     plans=self._plans,
                 )
+                if self.dp is not None and self.dp.config.mode == "local":
+                    start_dp_release(runs[w.id], global_state, self.dp.config)
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)
         results, failures = wait_all({wid: run.futures for wid, run in runs.items()}, deadline)
@@ -215,6 +226,8 @@ class FedAvg:
             dropped=dropped,
             num_examples=sum(r.data.num_examples for r in ok_runs),
         )
+        if self.dp is not None:
+            metrics.epsilon = self.dp.account([w.id for w in selected], len(self.workers))
         if self.test_data is not None:
             metrics.test_loss, metrics.test_accuracy = evaluate(self.model, *self.test_data, self.loss_fn)
         metrics.seconds = time.perf_counter() - t0
@@ -248,6 +261,9 @@ class FedAvg:
     def _aggregate(
         self, runs: list[LocalRun], results: dict[str, list[Any]], round_number: int
     ) -> dict[str, torch.Tensor]:
+        if self.dp is not None:
+            got = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
+            return self.dp.aggregate(self.model.state_dict(), got)
         if self.aggregator is None:
             updates = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return fedavg(updates)

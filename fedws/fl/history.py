@@ -23,6 +23,7 @@ class RoundMetrics:
         dropped: node id -> why it was left out of this round.
         num_examples: training examples behind the average.
         seconds: wall time of the round.
+        epsilon: privacy spent so far at the run's ``DPConfig.delta`` (None without DP).
     """
 
     round: int
@@ -33,6 +34,7 @@ class RoundMetrics:
     dropped: dict[str, str] = field(default_factory=dict)
     num_examples: int = 0
     seconds: float = 0.0
+    epsilon: float | None = None
 
 
 class History:
@@ -64,6 +66,10 @@ class History:
     @property
     def test_losses(self) -> list[float | None]:
         return [r.test_loss for r in self.rounds]
+
+    @property
+    def epsilons(self) -> list[float | None]:
+        return [r.epsilon for r in self.rounds]
 
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": [asdict(r) for r in self.rounds]}

@@ -60,6 +60,7 @@ from ..protocol.ops import resolve
 from ..protocol.plan import PlanCode
 from ..protocol.tree import tree_map
 from .audit import Audit
+from .dp_ops import node_ops as dp_ops
 from .interpreter import (
     TENSOR_FEDWS_OPS,
     StoredPlan,
@@ -184,6 +185,7 @@ class Node:
             "fedws.persist": self._persist,
         }
         self.fedws_ops.update(smpc_ops(self))
+        self.fedws_ops.update(dp_ops(self))
         self.policy = policy or Policy()
 
     # -- policy ---------------------------------------------------------------------------
@@ -614,7 +616,7 @@ class Node:
 
     def _begin(self) -> Any:
         state = self._frame
-        state.tainted = state.derived = False
+        state.tainted = state.derived = state.dp_released = False
         state.refs = []
         return state
 
@@ -677,6 +679,8 @@ class Node:
         else:
             with torch.set_grad_enabled(req.grad_enabled):
                 result = self.call(fn, args, kwargs, req.result_ids)
+        if state.dp_released:  # fedws.dp.clip_and_noise charged a release: its results may leave
+            tainted = state.dp_released = False
         self.store_results(op, result, req.result_ids, caller, tainted)
         if self.store.shared and not tainted:
             self._share_results(state.refs, req.result_ids)

@@ -22,7 +22,7 @@ its accountant. No I/O here.
 from __future__ import annotations
 
 import math
-import os
+import secrets
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ __all__ = [
     "plan_digest",
     "written_args",
     "dp_noise",
+    "clip_and_noise",
     "BACKWARD_OPS",
 ]
 
@@ -260,7 +261,7 @@ def _noise_generator() -> torch.Generator:
     global _generator
     with _rng_lock:
         if _generator is None:
-            _generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+            _generator = torch.Generator().manual_seed(secrets.randbits(63))  # the OS CSPRNG
         return _generator
 
 
@@ -270,21 +271,51 @@ def dp_noise(value: Any, rule: DPRule) -> torch.Tensor:
     Raises:
         TypeError: not a floating-point tensor (only those can carry noise).
     """
-    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.is_sparse:
-        raise TypeError(
-            f"a differentially private release needs a dense floating-point tensor, got "
-            f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else ' ' + str(value.dtype)}"
-        )
+    return clip_and_noise([value], rule.max_norm, rule.noise_multiplier)[0]
+
+
+def clip_and_noise(
+    values: list[Any], clip: float, noise_multiplier: float, reference: list[Any] | None = None
+) -> list[torch.Tensor]:
+    """The Gaussian mechanism on several tensors taken as one vector (a model update).
+
+    ``values`` (minus ``reference``, when given: an update is the trained model minus the
+    one the node was sent) are scaled together so their joint L2 norm is at most ``clip``,
+    then every entry gets Gaussian noise of standard deviation ``noise_multiplier * clip``
+    from the node's own generator (seeded from the OS CSPRNG, never by a caller). One
+    call is one release of sensitivity ``clip``. Computed in float64; new tensors in the
+    dtypes of ``values``.
+
+    Raises:
+        TypeError: a value is not a dense floating-point tensor, or a reference does not match.
+    """
+    for value in values:
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.is_sparse:
+            raise TypeError(
+                f"a differentially private release needs a dense floating-point tensor, got "
+                f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else ' ' + str(value.dtype)}"
+            )
+    if reference is not None and (
+        len(reference) != len(values)
+        or not all(isinstance(r, torch.Tensor) and r.shape == v.shape for r, v in zip(reference, values))
+    ):
+        raise TypeError("a differentially private update needs one reference tensor of the same shape per value")
     with torch.no_grad():
-        x = value.detach().to(torch.float64)
-        norm = float(torch.linalg.vector_norm(x))
-        if norm > rule.max_norm:
-            x = x * (rule.max_norm / norm)
-        sigma = rule.noise_multiplier * rule.max_norm
+        xs = [v.detach().to(torch.float64) for v in values]
+        if reference is not None:
+            xs = [x - r.detach().to(torch.float64) for x, r in zip(xs, reference)]
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in xs))
+        if norm > clip:
+            xs = [x * (clip / norm) for x in xs]
+        sigma = noise_multiplier * clip
         gen = _noise_generator()
-        with _rng_lock:
-            noise = torch.normal(0.0, sigma, size=x.shape, generator=gen, dtype=torch.float64)
-        return (x + noise).to(value.dtype)
+        out = []
+        for x, v in zip(xs, values):
+            if sigma > 0:
+                with _rng_lock:
+                    x = x + torch.normal(0.0, sigma, size=x.shape, generator=gen, dtype=torch.float64)
+            out.append(x.to(v.dtype))
+        return out
 
 
 class PrivacyAccountant:
