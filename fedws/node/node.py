@@ -86,6 +86,7 @@ from .policy import (
     written_args,
 )
 from .random_shares import node_ops as smpc_ops
+from .secagg import node_ops as secagg_ops
 from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore
 
@@ -104,6 +105,7 @@ _PERMISSION_TEXT = {
     "peers": "make this node link to its peers",
     "status": "see the whole node's status",
     "smpc": "draw secret shares or Beaver triples (secure computation)",
+    "secagg": "take part in secure aggregation (masked updates)",
 }
 
 
@@ -184,6 +186,7 @@ class Node:
             "fedws.persist": self._persist,
         }
         self.fedws_ops.update(smpc_ops(self))
+        self.fedws_ops.update(secagg_ops(self))
         self.policy = policy or Policy()
 
     # -- policy ---------------------------------------------------------------------------
