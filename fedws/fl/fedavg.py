@@ -47,6 +47,7 @@ from .local_training import (
 from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import sample_nodes
+from .secagg import secure_sum
 from .trusted import connect_aggregator, start_trusted_average
 
 __all__ = ["FedAvg", "train_federated"]
@@ -74,6 +75,9 @@ class FedAvg:
             continues from it.
         progress: show a tqdm bar; None shows it on a terminal and in a Jupyter notebook (a widget when ipywidgets is installed).
         on_round: called with each round's metrics (printing, early stopping by raising).
+        secure_aggregation: each node masks its ``num_examples``-scaled update (and its
+            count) on the node and the coordinator unmasks only their sum
+            (:mod:`fedws.fl.secagg`; threshold ``config.secagg_threshold``).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class FedAvg:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
+        secure_aggregation: bool = False,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -105,6 +110,9 @@ class FedAvg:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_round = on_round
+        self.secure_aggregation = secure_aggregation
+        if secure_aggregation and aggregator is not None:
+            raise ValueError("FedAvg: choose secure_aggregation or a trusted aggregator, not both")
         self.history = History()
         self._data: dict[str, NodeData] = {}
         self._plans = TrainingPlans()  # the training-step plan, traced once, kept on the nodes
@@ -177,7 +185,7 @@ class FedAvg:
                     cfg,
                     round_number=round_number,
                     loss_fn=self.loss_fn,
-                    fetch_state=self.aggregator is None,
+                    fetch_state=self.aggregator is None and not self.secure_aggregation,
                     plans=self._plans,
                 )
             except Exception as exc:  # a node that fails while we queue work (link lost)
@@ -248,6 +256,8 @@ class FedAvg:
     def _aggregate(
         self, runs: list[LocalRun], results: dict[str, list[Any]], round_number: int
     ) -> dict[str, torch.Tensor]:
+        if self.secure_aggregation:
+            return self._secure_average(runs, round_number)
         if self.aggregator is None:
             updates = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return fedavg(updates)
@@ -260,6 +270,21 @@ class FedAvg:
                 round=round_number,
             ) from exc
         return dict(zip(keys, averaged["average"]))
+
+    def _secure_average(self, runs: list[LocalRun], round_number: int) -> dict[str, torch.Tensor]:
+        """Sum of ``num_examples * state`` and of the counts, unmasked only as sums."""
+        if len(runs) < 2:
+            raise RoundFailedError(f"round {round_number}: secure aggregation needs at least 2 nodes", round=round_number)
+        states = {r.data.worker: r.model.state_dict(keep_vars=True) for r in runs}
+        total = secure_sum(
+            {w: list(s.values()) for w, s in states.items()},
+            self.config.secagg_threshold,
+            weights={r.data.worker: r.data.num_examples for r in runs},
+            timeout=self.config.round_timeout,
+            round_number=round_number,
+        )
+        current = self.model.state_dict()
+        return {k: (v / total.total_weight).to(current[k].dtype) for k, v in zip(current, total.tensors)}
 
 
 def train_federated(
