@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -216,8 +217,12 @@ class SecureAggregation:
             weight = 1.0 if weights is None else float(weights[wid])
             refs = [ObjRef(p.id_at_location) for p in ptrs]
             calls[wid] = _call(w, "fedws.secagg.mask", [self.round_id, others, rows, refs, weight])
+        length = sum(math.prod(shape) for shape in self.shapes) + 1
         for wid, y in self._run(calls).items():
-            self.masked[self.index[wid]] = y
+            if isinstance(y, torch.Tensor) and y.dtype == torch.int64 and tuple(y.shape) == (length,):
+                self.masked[self.index[wid]] = y
+            else:
+                self.drop(wid, "sent a malformed masked update")
         self._enough("collect_masked")
 
     @staticmethod
@@ -245,6 +250,9 @@ class SecureAggregation:
                                    round=self.round_number)
         points: dict[int, list[tuple[int, int]]] = {v: [] for v in survivors + gone}
         for wid, rows in got.items():
+            if not (isinstance(rows, torch.Tensor) and rows.dtype == torch.uint8
+                    and tuple(rows.shape) == (len(survivors) + len(gone), SHARE_BYTES)):
+                continue  # a malformed answer is no answer
             x = self.index[wid]
             for k, v in enumerate(survivors + gone):
                 points[v].append((x, int.from_bytes(rows[k].numpy().tobytes(), "big")))
@@ -265,9 +273,7 @@ class SecureAggregation:
         values = decode_fixed(total)
         tensors, at = [], 0
         for shape in self.shapes:
-            size = 1
-            for d in shape:
-                size *= d
+            size = math.prod(shape)
             tensors.append(values[at:at + size].reshape(shape))
             at += size
         names = [by_index[u] for u in survivors]

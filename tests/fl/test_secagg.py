@@ -33,7 +33,7 @@ MakeWorker = Callable[..., sy.Worker]
 
 
 def _workers(make_worker: MakeWorker, n: int) -> list[sy.Worker]:
-    return [make_worker(f"sa{i}") for i in range(n)]
+    return [make_worker(name) for name in ("bob", "alice", "carol", "james", "charlie")[:n]]
 
 
 def _exact(total: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def test_sum_is_exact_with_dropouts_up_to_the_threshold(make_worker: MakeWorker,
     agg.collect_masked(updates, {w.id: wt for w, wt in zip(ws, weights)})
     gone = [3, 4][:dropouts]
     keep = [i for i in range(n) if i not in gone]
-    assert sorted(agg.dropped) == [ws[i].id for i in gone]
+    assert sorted(agg.dropped) == sorted(ws[i].id for i in gone)
     total = agg.unmask()
     assert total.survivors == [ws[i].id for i in keep]
     assert torch.equal(_exact(total.tensors[0]), _expected(xs, weights, keep))
