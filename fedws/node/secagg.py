@@ -43,6 +43,7 @@ below 2^57, so it decodes without wrapping; the precision is ``2**-16`` per valu
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -79,6 +80,7 @@ CIPHER_BYTES = 12 + _PLAIN_BYTES + 16
 _MAX_RID = 64
 
 
+@functools.cache
 def _crypto() -> Any:
     """The ``cryptography`` primitives, imported on first use (extra ``secagg``)."""
     try:
@@ -121,10 +123,15 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
     return bytes(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret))
 
 
-def pair_seed(rid: str, private_raw: bytes, public_raw: bytes, u: int, v: int) -> bytes:
-    """The mask seed of the pair ``{u, v}``: HKDF of their X25519 agreement, bound to the round."""
+def pair_seed(rid: str, private: Any, public_raw: bytes, u: int, v: int) -> bytes:
+    """The mask seed of the pair ``{u, v}``: HKDF of their X25519 agreement, bound to the round.
+
+    ``private``: an ``X25519PrivateKey`` or its 32 raw bytes (a key rebuilt from shares).
+    """
     _, x25519, _, _, _, _ = _crypto()
-    shared = x25519.X25519PrivateKey.from_private_bytes(private_raw).exchange(
+    if isinstance(private, bytes):
+        private = x25519.X25519PrivateKey.from_private_bytes(private)
+    shared = private.exchange(
         x25519.X25519PublicKey.from_public_bytes(public_raw)
     )
     lo, hi = min(u, v), max(u, v)
@@ -184,8 +191,10 @@ class _Round:
     index: int
     n: int
     t: int
-    c_sk: bytes
-    s_sk: bytes
+    c_key: Any  # X25519PrivateKey objects: parsing raw bytes again costs more than agreeing
+    s_key: Any
+    s_sk: bytes  # the raw mask key, to share
+    enc_keys: dict[int, bytes] = field(default_factory=dict)  # peer -> AES-GCM key
     public: dict[int, bytes] = field(default_factory=dict)  # U1: index -> c_pk || s_pk
     own_shares: tuple[int, int] | None = None  # this node's shares of its own s_sk and b
     b: bytes | None = None
@@ -261,7 +270,7 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
                 raise ValueError(f"secagg: round {key[2]!r} already exists on this node")
             if len(mine) >= MAX_ROUNDS:
                 raise ValueError(f"secagg: this session already has {MAX_ROUNDS} unfinished rounds (forget one)")
-            rounds[key] = st = _Round(index, n, t, c.private_bytes(*raw), s.private_bytes(*raw))
+            rounds[key] = st = _Round(index, n, t, c, s, s.private_bytes(*raw))
         pub = c.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw) + s.public_key().public_bytes(
             ser.Encoding.Raw, ser.PublicFormat.Raw
         )
@@ -287,18 +296,19 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         for k, v in enumerate(idx):
             if v == st.index:
                 continue
-            ek = pair_key(rid, st.c_sk, pubs[v][:32], st.index, v)
+            ek = st.enc_keys[v] = pair_key(rid, st.c_key, pubs[v][:32], st.index, v)
             nonce = secrets.token_bytes(12)
             plain = st.index.to_bytes(2, "big") + v.to_bytes(2, "big") + _to_bytes(s_shares[k]) + _to_bytes(b_shares[k])
             ct = nonce + AESGCM(ek).encrypt(nonce, plain, rid.encode())
             out[k] = torch.frombuffer(bytearray(ct), dtype=torch.uint8)
         me = idx.index(st.index)
         st.public, st.b, st.own_shares, st.step = pubs, b, (s_shares[me], b_shares[me]), "share"
+        st.s_sk = b""  # shared now; the key object masks
         return out
 
-    def pair_key(rid: str, c_sk: bytes, c_pk: bytes, u: int, v: int) -> bytes:
+    def pair_key(rid: str, c_key: Any, c_pk: bytes, u: int, v: int) -> bytes:
         _, x25519, _, _, _, _ = _crypto()
-        shared = x25519.X25519PrivateKey.from_private_bytes(c_sk).exchange(x25519.X25519PublicKey.from_public_bytes(c_pk))
+        shared = c_key.exchange(x25519.X25519PublicKey.from_public_bytes(c_pk))
         return _hkdf(shared, f"fedws secagg enc|{rid}|{min(u, v)}|{max(u, v)}".encode())
 
     def mask(rid: Any, senders: Any, ciphertexts: Any, update: Any, weight: Any) -> torch.Tensor:
@@ -322,7 +332,7 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         received: dict[int, tuple[int, int]] = {}
         for k, v in enumerate(idx):
             ct = rows[k].numpy().tobytes()
-            ek = pair_key(key[2], st.c_sk, st.public[v][:32], st.index, v)
+            ek = st.enc_keys[v]
             try:
                 plain = AESGCM(ek).decrypt(ct[:12], ct[12:], key[2].encode())
             except Exception:
@@ -338,7 +348,7 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         y = encode_fixed(x)
         y.add_(prg(self_seed(key[2], st.b), length))
         for v in idx:
-            m = prg(pair_seed(key[2], st.s_sk, st.public[v][32:], st.index, v), length)
+            m = prg(pair_seed(key[2], st.s_key, st.public[v][32:], st.index, v), length)
             if st.index < v:
                 y.add_(m)
             else:
