@@ -24,7 +24,7 @@ from fedws.fl.secagg import SecureAggregation, _call, secure_sum
 from fedws.node import Node
 from fedws.node.policy import Policy
 from fedws.node.secagg import FRAC_BITS, MAX_PARTICIPANTS, encode_fixed, shamir_combine, shamir_split
-from fedws.protocol.codec import decode, encode_bytes
+from fedws.protocol.codec import ObjRef, decode, encode_bytes
 from fedws.protocol.messages import Kind
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -280,3 +280,38 @@ def test_shamir_reconstructs_from_any_t_shares_and_not_fewer() -> None:
     assert shamir_combine(pts[:3], 3) == secret and shamir_combine(pts[2:], 3) == secret
     with pytest.raises(ValueError, match="threshold"):
         shamir_combine(pts[:2], 3)
+
+
+def _store(c: Client, obj_id: int, value: torch.Tensor) -> None:
+    c.seq += 1
+    frame = encode_bytes([int(Kind.STORE), c.seq, obj_id, value, [], None])
+    _, _, errors = decode(b"".join(c.node.handle(frame, c.caller)))
+    assert errors == []
+
+
+def test_on_private_nodes_masking_private_data_does_not_release_it() -> None:
+    """Three private nodes, one session each: the sum of the coordinator's own stored values
+    works; a masked vector of data a node serves stays private; an attacker session can
+    neither mask the owner's update nor use the owner's round."""
+    nodes = [Node(n, policy=Policy("private")) for n in ("bob", "alice", "carol")]
+    nodes[0].serve(1000, torch.tensor([4242.0]), ["#x"], None)
+    labs = [Client(n, "lab", "l" * 32) for n in nodes]
+    for i, c in enumerate(labs):
+        _store(c, 500, torch.tensor([float(i + 1)]))
+    pubs = [c.call("fedws.secagg.keys", ["r", i + 1, 3, 2]) for i, c in enumerate(labs)]
+    keys = torch.stack(pubs)
+    rows = [c.call("fedws.secagg.share", ["r", [1, 2, 3], keys]) for c in labs]
+    attacker = Client(nodes[1], "lab", "m" * 32)
+    own = attacker.call("fedws.secagg.keys", ["r", 2, 3, 2])  # its own round "r", beside lab's
+    attacker.call("fedws.secagg.share", ["r", [1, 2, 3], torch.stack([pubs[0], own, pubs[2]])])
+    with pytest.raises(RuntimeError, match="belongs to another session"):
+        attacker.call("fedws.secagg.mask", ["r", [1, 3], torch.stack([rows[0][1], rows[2][1]]), [ObjRef(500)], 1.0])
+
+    def mask(i: int, update: int) -> Any:
+        others = [v for v in (1, 2, 3) if v != i + 1]
+        return labs[i].call("fedws.secagg.mask", ["r", others, torch.stack([rows[v - 1][i] for v in others]),
+                                                  [ObjRef(update)], 1.0])
+
+    with pytest.raises(RuntimeError, match="PermissionDenied|private"):
+        mask(0, 1000)  # bob's served data: masked, but still private; it does not leave
+    assert mask(1, 500).dtype == torch.int64 and mask(2, 500).dtype == torch.int64
