@@ -284,7 +284,8 @@ class FedAvg:
             round_number=round_number,
         )
         current = self.model.state_dict()
-        return {k: (v / total.total_weight).to(current[k].dtype) for k, v in zip(current, total.tensors)}
+        averaged = {k: v / total.total_weight for k, v in zip(current, total.tensors)}
+        return {k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype) for k, v in averaged.items()}
 
 
 def train_federated(

@@ -44,7 +44,6 @@ below 2^57, so it decodes without wrapping; the precision is ``2**-16`` per valu
 from __future__ import annotations
 
 import functools
-import math
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -322,8 +321,8 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
             for x in update
         ):
             raise ValueError("secagg: the update must be a list of 1..4096 real CPU tensors (stored objects)")
-        if type(weight) not in (int, float) or not 0 <= weight <= 2**40 or math.isnan(weight):
-            raise ValueError("secagg: the weight must be a number in [0, 2**40]")
+        if type(weight) not in (int, float) or not 0 <= weight <= CLIP:
+            raise ValueError("secagg: the weight must be a number in [0, 2**31]")
         length = sum(x.numel() for x in update) + 1
         if length > MAX_ELEMENTS:
             raise ValueError(f"secagg: at most {MAX_ELEMENTS} elements, got {length}")
