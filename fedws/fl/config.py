@@ -29,6 +29,8 @@ class FedAvgConfig:
         data_tags: tags every training tensor on a node carries (``"#train"``).
         x_tag: the extra tag of the features tensor.
         y_tag: the extra tag of the labels tensor.
+        secagg_threshold: with ``FedAvg(secure_aggregation=True)``, how many nodes must
+            stay to unmask the sum (``n/2 < t <= n``; None: a strict majority).
     """
 
     rounds: int = 5
@@ -44,6 +46,7 @@ class FedAvgConfig:
     data_tags: tuple[str, ...] = field(default_factory=lambda: ("#train",))
     x_tag: str = "#x"
     y_tag: str = "#y"
+    secagg_threshold: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 0:

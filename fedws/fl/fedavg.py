@@ -48,6 +48,7 @@ from .local_training import (
 from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import sample_nodes
+from .secagg import secure_sum
 from .trusted import connect_aggregator, start_trusted_average
 
 __all__ = ["FedAvg", "train_federated"]
@@ -78,6 +79,9 @@ class FedAvg:
         dp: differential privacy (:class:`~fedws.fl.dp.DPConfig`): each node clips and
             noises its update itself (``mode="local"``) or the coordinator clips the
             updates and noises their average (``"central"``); epsilon per round in History.
+        secure_aggregation: each node masks its ``num_examples``-scaled update (and its
+            count) on the node and the coordinator unmasks only their sum
+            (:mod:`fedws.fl.secagg`; threshold ``config.secagg_threshold``).
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class FedAvg:
         progress: bool | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
         dp: DPConfig | None = None,
+        secure_aggregation: bool = False,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -110,11 +115,16 @@ class FedAvg:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_round = on_round
+        self.secure_aggregation = secure_aggregation
+        if secure_aggregation and aggregator is not None:
+            raise ValueError("FedAvg: choose secure_aggregation or a trusted aggregator, not both")
         self.history = History()
         self._data: dict[str, NodeData] = {}
         self._plans = TrainingPlans()  # the training-step plan, traced once, kept on the nodes
         if dp is not None and aggregator is not None:
             raise ValueError("FedAvg: dp= and aggregator= do not combine (the aggregator would see raw updates)")
+        if dp is not None and secure_aggregation:
+            raise ValueError("FedAvg: dp= and secure_aggregation=True do not combine yet (masking runs before the DP release)")
         self.dp = Privacy(dp) if dp is not None else None
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
@@ -186,7 +196,8 @@ class FedAvg:
                     cfg,
                     round_number=round_number,
                     loss_fn=self.loss_fn,
-                    fetch_state=self.aggregator is None and (self.dp is None or self.dp.config.mode == "central"),
+                    fetch_state=self.aggregator is None and not self.secure_aggregation
+                    and (self.dp is None or self.dp.config.mode == "central"),
                     plans=self._plans,
                 )
                 if self.dp is not None and self.dp.config.mode == "local":
@@ -264,6 +275,8 @@ class FedAvg:
         if self.dp is not None:
             got = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return self.dp.aggregate(self.model.state_dict(), got)
+        if self.secure_aggregation:
+            return self._secure_average(runs, round_number)
         if self.aggregator is None:
             updates = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return fedavg(updates)
@@ -276,6 +289,22 @@ class FedAvg:
                 round=round_number,
             ) from exc
         return dict(zip(keys, averaged["average"]))
+
+    def _secure_average(self, runs: list[LocalRun], round_number: int) -> dict[str, torch.Tensor]:
+        """Sum of ``num_examples * state`` and of the counts, unmasked only as sums."""
+        if len(runs) < 2:
+            raise RoundFailedError(f"round {round_number}: secure aggregation needs at least 2 nodes", round=round_number)
+        states = {r.data.worker: r.model.state_dict(keep_vars=True) for r in runs}
+        total = secure_sum(
+            {w: list(s.values()) for w, s in states.items()},
+            self.config.secagg_threshold,
+            weights={r.data.worker: r.data.num_examples for r in runs},
+            timeout=self.config.round_timeout,
+            round_number=round_number,
+        )
+        current = self.model.state_dict()
+        averaged = {k: v / total.total_weight for k, v in zip(current, total.tensors)}
+        return {k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype) for k, v in averaged.items()}
 
 
 def train_federated(

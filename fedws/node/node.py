@@ -87,6 +87,7 @@ from .policy import (
     written_args,
 )
 from .random_shares import node_ops as smpc_ops
+from .secagg import node_ops as secagg_ops
 from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore
 
@@ -105,6 +106,7 @@ _PERMISSION_TEXT = {
     "peers": "make this node link to its peers",
     "status": "see the whole node's status",
     "smpc": "draw secret shares or Beaver triples (secure computation)",
+    "secagg": "take part in secure aggregation (masked updates)",
 }
 
 
@@ -186,6 +188,7 @@ class Node:
         }
         self.fedws_ops.update(smpc_ops(self))
         self.fedws_ops.update(dp_ops(self))
+        self.fedws_ops.update(secagg_ops(self))
         self.policy = policy or Policy()
 
     # -- policy ---------------------------------------------------------------------------

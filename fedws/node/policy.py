@@ -143,7 +143,7 @@ class Policy:
         return self.mode == PRIVATE
 
 
-PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "status", "smpc"})
+PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "status", "smpc", "secagg"})
 """What an operator grants a principal (``[[tokens]] may = [...]``):
 
 - ``compute``: use the data the node serves in commands and plans;
@@ -153,6 +153,7 @@ PERMISSIONS = frozenset({"compute", "plans", "dp", "peers", "status", "smpc"})
 - ``status``: see the whole node in ``INFO "status"`` (``fedws status``): every session's
   objects, bytes and plans, the connections; without it, only its own session's numbers.
 - ``smpc``: draw secret shares and Beaver triples (``fedws.smpc.*``, secure computation).
+- ``secagg``: take part in secure aggregation (``fedws.secagg.*``: keys, masked updates).
 
 A principal's own objects are always its own to compute on, read and delete.
 """

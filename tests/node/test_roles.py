@@ -64,4 +64,4 @@ def test_roles_come_from_the_config(tmp_path: Path) -> None:
         load_config(cfg)
     with pytest.raises(ValueError, match="unknown permissions"):
         Policy("private", roles={"x": frozenset({"root"})})
-    assert {"compute", "plans", "dp", "peers", "status", "smpc"} == PERMISSIONS
+    assert {"compute", "plans", "dp", "peers", "status", "smpc", "secagg"} == PERMISSIONS
