@@ -284,7 +284,7 @@ def test_a_peer_that_never_answers_holds_up_only_who_used_it(tmp_path: Path, hoo
     slow = FakeNode("slow")
     node = None
     try:
-        cfg = _config(tmp_path / "hub.toml", "hub", 0, [{"id": "slow", "url": slow.url}], peer_timeout=3)
+        cfg = _config(tmp_path / "hub.toml", "hub", 0, [{"id": "slow", "url": slow.url}], peer_timeout=8)
         node = start_node(config=cfg)
         a = sy.connect(node.url, hook=hook, timeout=30)
         b = sy.connect(node.url, hook=sy.TorchHook(torch, federation=sy.Federation()), timeout=30)
@@ -304,7 +304,7 @@ def test_a_peer_that_never_answers_holds_up_only_who_used_it(tmp_path: Path, hoo
         with pytest.raises(sy.RemoteError):
             fetch.result(30)
         a_done = time.monotonic() - start
-        assert 2.5 < a_done < 15, a_done  # A waited out the peer timeout (3 s), not the 60 s default
+        assert 7 < a_done < 40, a_done  # A waited out the peer timeout (8 s), not the 60 s default
         a.ping(timeout=10)  # after the timeout, A's connection works again
         a.close()
         b.close()
