@@ -14,11 +14,25 @@ from __future__ import annotations
 from .aggregate import fedavg, fedavg_weights, validate_updates
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
+from .early_stopping import EarlyStopping
 from .evaluate import evaluate
 from .fedavg import FedAvg, train_federated
 from .history import History, RoundMetrics
 from .local_training import training_plan_digest
 from .sampling import sample_nodes
+from .strategies import (
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedAvgStrategy,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    get_strategy,
+)
+from .strategy import EvaluateResult, FitResult, Strategy, WeightedAverageStrategy
 
 __all__ = [
     "FedAvg",
@@ -35,4 +49,19 @@ __all__ = [
     "evaluate",
     "sample_nodes",
     "training_plan_digest",
+    "EarlyStopping",
+    "Strategy",
+    "WeightedAverageStrategy",
+    "FitResult",
+    "EvaluateResult",
+    "get_strategy",
+    "FedAvgStrategy",
+    "FedProx",
+    "FedAvgM",
+    "FedAdam",
+    "FedYogi",
+    "FedAdagrad",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
 ]
