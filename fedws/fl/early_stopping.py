@@ -56,6 +56,8 @@ class EarlyStopping:
         restore_best: load the best model into the trained model when the run ends.
         best: the best value so far; ``best_round`` its round; ``best_state`` its model.
         stopped_round: the round after which the run stopped early (None: it did not).
+
+    It keeps state (the best so far): use a new one for each run.
     """
 
     metric: str = "test_loss"
