@@ -15,11 +15,25 @@ from .aggregate import fedavg, fedavg_weights, validate_updates
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, dp_sgd_step
+from .early_stopping import EarlyStopping
 from .evaluate import evaluate
 from .fedavg import FedAvg, train_federated
 from .history import History, RoundMetrics
 from .local_training import training_plan_digest
 from .sampling import sample_nodes
+from .strategies import (
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedAvgStrategy,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    get_strategy,
+)
+from .strategy import EvaluateResult, FitResult, Strategy, WeightedAverageStrategy
 
 __all__ = [
     "FedAvg",
@@ -38,4 +52,19 @@ __all__ = [
     "training_plan_digest",
     "DPConfig",
     "dp_sgd_step",
+    "EarlyStopping",
+    "Strategy",
+    "WeightedAverageStrategy",
+    "FitResult",
+    "EvaluateResult",
+    "get_strategy",
+    "FedAvgStrategy",
+    "FedProx",
+    "FedAvgM",
+    "FedAdam",
+    "FedYogi",
+    "FedAdagrad",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
 ]

@@ -6,6 +6,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .early_stopping import EarlyStopping
+from .sampling import SAMPLING_METHODS
+from .strategies import get_strategy
+from .strategy import Strategy
+
 __all__ = ["FedAvgConfig"]
 
 
@@ -31,6 +36,11 @@ class FedAvgConfig:
         y_tag: the extra tag of the labels tensor.
         secagg_threshold: with ``FedAvg(secure_aggregation=True)``, how many nodes must
             stay to unmask the sum (``n/2 < t <= n``; None: a strict majority).
+        strategy: how answers become the next model: a name (``"fedavg"``, ``"fedadam"``,
+            ... see :mod:`fedws.fl.strategies`) or a :class:`~fedws.fl.strategy.Strategy`.
+        sampling: how nodes are picked: ``"uniform"``, ``"weighted"`` (by examples) or
+            ``"round_robin"`` (see :mod:`fedws.fl.sampling`).
+        early_stopping: stop on a metric and keep the best model (:class:`EarlyStopping`).
     """
 
     rounds: int = 5
@@ -47,6 +57,9 @@ class FedAvgConfig:
     x_tag: str = "#x"
     y_tag: str = "#y"
     secagg_threshold: int | None = None
+    strategy: str | Strategy = "fedavg"
+    sampling: str = "uniform"
+    early_stopping: EarlyStopping | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -62,6 +75,9 @@ class FedAvgConfig:
         if self.lr <= 0 or self.round_timeout <= 0:
             raise ValueError("lr and round_timeout must be > 0")
         object.__setattr__(self, "data_tags", tuple(self.data_tags))
+        get_strategy(self.strategy)  # an unknown name fails here, not in round 1
+        if self.sampling not in SAMPLING_METHODS:
+            raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {self.sampling!r}")
 
     def nodes_to_select(self, available: int) -> int:
         """How many of ``available`` nodes a round selects."""
@@ -72,4 +88,6 @@ class FedAvgConfig:
         """Plain JSON-able values (saved with checkpoints)."""
         d = asdict(self)
         d["data_tags"] = list(self.data_tags)
+        d["strategy"] = self.strategy if isinstance(self.strategy, str) else self.strategy.name
+        d["early_stopping"] = None if self.early_stopping is None else self.early_stopping.to_dict()
         return d

@@ -30,7 +30,6 @@ from torch import nn
 from ..client.worker import Worker
 from ..exceptions import PointerError, RoundFailedError
 from ..pointers import PointerTensor
-from .aggregate import fedavg
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, Privacy, start_dp_release
@@ -47,8 +46,10 @@ from .local_training import (
 )
 from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
-from .sampling import sample_nodes
+from .sampling import select_nodes
 from .secagg import secure_sum
+from .strategies import get_strategy
+from .strategy import FitResult, Strategy, WeightedAverageStrategy
 from .trusted import connect_aggregator, start_trusted_average
 
 __all__ = ["FedAvg", "train_federated"]
@@ -82,6 +83,10 @@ class FedAvg:
         secure_aggregation: each node masks its ``num_examples``-scaled update (and its
             count) on the node and the coordinator unmasks only their sum
             (:mod:`fedws.fl.secagg`; threshold ``config.secagg_threshold``).
+        strategy: how answers become the next model (a name such as ``"fedadam"`` or a
+            :class:`~fedws.fl.strategy.Strategy`); None: ``config.strategy``. With
+            ``aggregator=`` only weighted-average strategies work (the average is all the
+            coordinator gets).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class FedAvg:
         on_round: Callable[[RoundMetrics], None] | None = None,
         dp: DPConfig | None = None,
         secure_aggregation: bool = False,
+        strategy: str | Strategy | None = None,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -121,11 +127,27 @@ class FedAvg:
         self.history = History()
         self._data: dict[str, NodeData] = {}
         self._plans = TrainingPlans()  # the training-step plan, traced once, kept on the nodes
+        self.strategy = get_strategy(strategy if strategy is not None else self.config.strategy)
+        #: per node id, the round config of the current round (``Strategy.configure_fit``).
+        self.fit_configs: dict[str, dict[str, Any]] = {}
+        if aggregator is not None and not isinstance(self.strategy, WeightedAverageStrategy):
+            raise ValueError(
+                f"strategy {self.strategy!r} needs every node's model, but with aggregator= the coordinator "
+                "only receives their weighted average; use a weighted-average strategy (fedavg, fedprox, "
+                "fedavgm, fedadam, fedyogi, fedadagrad) or drop aggregator="
+            )
         if dp is not None and aggregator is not None:
             raise ValueError("FedAvg: dp= and aggregator= do not combine (the aggregator would see raw updates)")
         if dp is not None and secure_aggregation:
             raise ValueError("FedAvg: dp= and secure_aggregation=True do not combine yet (masking runs before the DP release)")
         self.dp = Privacy(dp) if dp is not None else None
+        if dp is not None and self.strategy.name != "fedavg":
+            raise ValueError(f"FedAvg: dp= works with the fedavg strategy only, not {self.strategy.name!r}")
+        if secure_aggregation and not isinstance(self.strategy, WeightedAverageStrategy):
+            raise ValueError(
+                f"strategy {self.strategy!r} needs every node's model; with secure_aggregation=True the "
+                "coordinator learns only their weighted sum: use a weighted-average strategy"
+            )
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
 
@@ -165,15 +187,24 @@ class FedAvg:
                 bar.set_postfix(loss=metrics.train_loss, acc=metrics.test_accuracy, nodes=len(metrics.nodes))
                 if self.on_round is not None:
                     self.on_round(metrics)
+                stop = self.config.early_stopping
+                if stop is not None and stop.update(metrics, self.model.state_dict(), self.history, self.config.to_dict()):
+                    log.info("early stop after round %d: no better %s since round %s", r, stop.metric, stop.best_round)
+                    break
+        stop = self.config.early_stopping
+        if stop is not None and stop.restore_best and stop.best_state is not None:
+            self.model.load_state_dict(stop.best_state)
         return self.history
 
     def run_round(self, round_number: int) -> RoundMetrics:
         """One round: select, train everywhere at once, wait, average, score."""
         cfg = self.config
         t0 = time.perf_counter()
-        selected = sample_nodes(
-            self.workers, cfg.nodes_to_select(len(self.workers)), seed=cfg.seed, round_number=round_number
+        selected = select_nodes(
+            cfg.sampling, self.workers, cfg.nodes_to_select(len(self.workers)),
+            seed=cfg.seed, round_number=round_number, weights=self._example_weights(),
         )
+        self.fit_configs = self.strategy.configure_fit(round_number, [w.id for w in selected])
         deadline = Deadline(cfg.round_timeout)
         dropped: dict[str, str] = {}
 
@@ -269,17 +300,33 @@ class FedAvg:
             except Exception as exc:
                 drop(wid, exc)
 
+    def _example_weights(self) -> list[float]:
+        """Each worker's example count for weighted sampling; one not yet seen weighs the mean."""
+        known = [self._data[w.id].num_examples for w in self.workers if w.id in self._data]
+        mean = sum(known) / len(known) if known else 1.0
+        return [float(self._data[w.id].num_examples) if w.id in self._data else mean for w in self.workers]
+
     def _aggregate(
         self, runs: list[LocalRun], results: dict[str, list[Any]], round_number: int
     ) -> dict[str, torch.Tensor]:
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.dp is not None:
             got = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return self.dp.aggregate(self.model.state_dict(), got)
         if self.secure_aggregation:
-            return self._secure_average(runs, round_number)
+            assert isinstance(self.strategy, WeightedAverageStrategy)  # checked in __init__
+            return self.strategy.apply_average(round_number, current, self._secure_average(runs, round_number))
         if self.aggregator is None:
-            updates = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
-            return fedavg(updates)
+            answers = [
+                FitResult(
+                    r.node_id,
+                    dict(zip(r.state_keys, results[r.node_id][2:])),
+                    r.data.num_examples,
+                    {"train_loss": float(results[r.node_id][1]) / max(r.examples_seen, 1)},
+                )
+                for r in runs
+            ]
+            return self.strategy.aggregate_fit(round_number, answers, current)
         keys, futures = start_trusted_average(runs, self.aggregator)
         averaged, failed = wait_all({"average": futures}, Deadline(self.config.round_timeout))
         if failed:
@@ -288,7 +335,8 @@ class FedAvg:
                 f"round {round_number}: aggregator {self.aggregator.id!r} failed: {_why(exc)}",
                 round=round_number,
             ) from exc
-        return dict(zip(keys, averaged["average"]))
+        assert isinstance(self.strategy, WeightedAverageStrategy)  # checked in __init__
+        return self.strategy.apply_average(round_number, current, dict(zip(keys, averaged["average"])))
 
     def _secure_average(self, runs: list[LocalRun], round_number: int) -> dict[str, torch.Tensor]:
         """Sum of ``num_examples * state`` and of the counts, unmasked only as sums."""
