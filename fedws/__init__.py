@@ -147,7 +147,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value  # the next lookup is a plain attribute
         return value
-    if name in ("hook", "optim"):  # modules: ``sy.optim.Optims``, PySyft's ``sy.hook.local_worker``
+    if name in ("hook", "optim", "fl"):  # modules: ``sy.optim.Optims``, PySyft's ``sy.hook.local_worker``
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

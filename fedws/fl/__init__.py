@@ -14,10 +14,18 @@ from __future__ import annotations
 from .aggregate import fedavg, fedavg_weights, validate_updates
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_metrics
 from .fedavg import FedAvg, train_federated
+from .federated_eval import (
+    EvaluationResult,
+    FederatedEvaluator,
+    evaluate_federated,
+    evaluate_on,
+    evaluation_plan_digest,
+)
 from .history import History, RoundMetrics
 from .local_training import training_plan_digest
+from .metrics import Metric
 from .sampling import sample_nodes
 
 __all__ = [
@@ -35,4 +43,11 @@ __all__ = [
     "evaluate",
     "sample_nodes",
     "training_plan_digest",
+    "evaluate_metrics",
+    "evaluate_federated",
+    "evaluate_on",
+    "evaluation_plan_digest",
+    "FederatedEvaluator",
+    "EvaluationResult",
+    "Metric",
 ]

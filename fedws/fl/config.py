@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .metrics import BUILTIN
+
 __all__ = ["FedAvgConfig"]
 
 
@@ -29,6 +31,12 @@ class FedAvgConfig:
         data_tags: tags every training tensor on a node carries (``"#train"``).
         x_tag: the extra tag of the features tensor.
         y_tag: the extra tag of the labels tensor.
+        evaluate_on_nodes: after every round, also evaluate the model on each node's
+            held-out shard (tagged ``eval_tags`` plus ``x_tag`` / ``y_tag``); only sums leave.
+        eval_tags: tags every held-out tensor on a node carries (``"#test"``).
+        metrics: metric names (``"loss"``, ``"accuracy"``, ``"mse"``, ``"mae"``, ``"auc"``,
+            ``"histograms"``); empty: by task (float targets: loss, MSE, MAE; labels: loss,
+            accuracy). ``FedAvg(metrics=...)`` also takes user metrics.
     """
 
     rounds: int = 5
@@ -44,6 +52,9 @@ class FedAvgConfig:
     data_tags: tuple[str, ...] = field(default_factory=lambda: ("#train",))
     x_tag: str = "#x"
     y_tag: str = "#y"
+    evaluate_on_nodes: bool = False
+    eval_tags: tuple[str, ...] = field(default_factory=lambda: ("#test",))
+    metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -59,6 +70,11 @@ class FedAvgConfig:
         if self.lr <= 0 or self.round_timeout <= 0:
             raise ValueError("lr and round_timeout must be > 0")
         object.__setattr__(self, "data_tags", tuple(self.data_tags))
+        object.__setattr__(self, "eval_tags", tuple(self.eval_tags))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        unknown = [m for m in self.metrics if m not in BUILTIN]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}: use {BUILTIN} (user metrics go to FedAvg(metrics=...))")
 
     def nodes_to_select(self, available: int) -> int:
         """How many of ``available`` nodes a round selects."""
@@ -69,4 +85,6 @@ class FedAvgConfig:
         """Plain JSON-able values (saved with checkpoints)."""
         d = asdict(self)
         d["data_tags"] = list(self.data_tags)
+        d["eval_tags"] = list(self.eval_tags)
+        d["metrics"] = list(self.metrics)
         return d

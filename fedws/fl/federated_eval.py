@@ -40,6 +40,8 @@ from ..datasets import DATA_TAG, TARGET_TAG, FederatedDataset
 from ..exceptions import FedwsError, ObjectNotFoundError
 from ..plans import Plan, PointerPlan
 from ..pointers import PointerTensor
+from .evaluate import evaluate_metrics
+from .history import RoundMetrics
 from .local_training import LossFn, NodeData, _architecture
 from .metrics import Metric, MetricValue, combine, default_metric_names, resolve_metrics
 from .remote import Deadline, barrier_nowait, fetch_nowait, first_error, mark, search_nowait, wait_all
@@ -51,6 +53,7 @@ __all__ = [
     "evaluation_plan_digest",
     "evaluate_federated",
     "evaluate_on",
+    "score_round",
 ]
 
 log = logging.getLogger("fedws.fl")
@@ -280,8 +283,8 @@ class FederatedEvaluator:
             except Exception as exc:  # a link lost while queueing
                 drop(w.id, exc)
         results, failures = wait_all({wid: p.futures for wid, p in pending.items()}, deadline)
-        for wid, exc in failures.items():
-            drop(wid, exc)
+        for wid, failure in failures.items():
+            drop(wid, failure)
         totals: list[list[torch.Tensor]] = []
         counts: list[int] = []
         metrics = self.metrics or []
@@ -325,8 +328,8 @@ class FederatedEvaluator:
             except Exception as exc:
                 drop(w.id, exc)
         found, failures = wait_all(searches, deadline)
-        for wid, exc in failures.items():
-            drop(wid, exc)
+        for wid, failure in failures.items():
+            drop(wid, failure)
         what = " ".join([*self.tags, f"{self.x_tag}/{self.y_tag}"])
         for wid, (xs, ys) in found.items():
             try:
@@ -400,7 +403,7 @@ def evaluate_on(
             raise cause
         raise FedwsError(f"evaluation on worker {worker.id!r} failed")
     out: dict[str, Any] = dict(result.per_node[worker.id])
-    n = int(out["num_examples"])  # type: ignore[call-overload]
+    n = int(out["num_examples"])
     out["nr_predictions"] = n
     if isinstance(out.get("accuracy"), float):
         out["nr_correct_predictions"] = int(round(out["accuracy"] * n))
@@ -414,3 +417,31 @@ def _defaults_for(worker: Worker, dataset_key: str | None, kwargs: dict[str, Any
     data = probe._data.get(worker.id)
     return default_metric_names(data.y.dtype if data is not None else torch.int64)
 
+
+
+def score_round(
+    metrics: RoundMetrics,
+    model: nn.Module,
+    *,
+    test_data: tuple[torch.Tensor, torch.Tensor] | None,
+    chosen: Sequence[str | Metric] | None,
+    loss_fn: LossFn,
+    evaluator: FederatedEvaluator | None,
+    workers: Sequence[Worker],
+) -> None:
+    """Fill a round's scores: central on ``test_data``, federated with ``evaluator``.
+
+    ``test_accuracy`` / ``test_loss`` keep meaning the central figures; a task without
+    accuracy (float targets) leaves ``test_accuracy`` None rather than reporting 0.0.
+    """
+    if test_data is not None:
+        central = resolve_metrics(chosen, loss_fn=loss_fn, target_dtype=test_data[1].dtype)
+        metrics.test_metrics = evaluate_metrics(model, *test_data, central)
+        loss, acc = metrics.test_metrics.get("loss"), metrics.test_metrics.get("accuracy")
+        metrics.test_loss = loss if isinstance(loss, float) else None
+        metrics.test_accuracy = acc if isinstance(acc, float) else None
+    if evaluator is not None:
+        found = evaluator.evaluate(model, workers)
+        metrics.federated_metrics = found.metrics
+        metrics.node_metrics = found.per_node
+        metrics.eval_dropped = found.dropped

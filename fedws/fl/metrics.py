@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ __all__ = [
     "BUILTIN",
 ]
 
-MetricValue = Union[float, list[float], list[int]]
+MetricValue: TypeAlias = float | list[float] | list[int]
 """What a metric reports: a number, or a list of counts (histograms)."""
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
