@@ -29,14 +29,13 @@ import logging
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..client.worker import Worker
-from ..datasets import DATA_TAG, TARGET_TAG, FederatedDataset
 from ..exceptions import FedwsError, ObjectNotFoundError
 from ..plans import Plan, PointerPlan
 from ..pointers import PointerTensor
@@ -59,6 +58,19 @@ __all__ = [
 log = logging.getLogger("fedws.fl")
 
 Like = tuple[tuple[int, ...], torch.dtype]
+
+# A served dataset's tags (``fedws.datasets.DATA_TAG`` / ``TARGET_TAG``; fl/ sits beside
+# datasets, not above it, so the names are repeated here and a test keeps them equal).
+DATA_TAG, TARGET_TAG = "#data", "#target"
+
+
+class _Shards(Protocol):
+    """What evaluation needs of a :class:`~fedws.datasets.FederatedDataset`."""
+
+    @property
+    def workers(self) -> list[str]: ...
+
+    def __getitem__(self, worker: str) -> Any: ...
 
 
 @dataclass
@@ -222,7 +234,7 @@ class FederatedEvaluator:
         x_tag: str = "#x",
         y_tag: str = "#y",
         dataset_key: str | None = None,
-        data: FederatedDataset | None = None,
+        data: _Shards | None = None,
         timeout: float = 60.0,
         nr_bins: int = 10,
         auc_bins: int = 100,

@@ -238,6 +238,13 @@ def test_a_user_metric_and_bad_names(hook: sy.TorchHook) -> None:
         FedAvgConfig(metrics=("f1",))
 
 
+def test_served_dataset_tags_match_the_datasets_module() -> None:
+    from fedws import datasets
+    from fedws.fl import federated_eval
+
+    assert (federated_eval.DATA_TAG, federated_eval.TARGET_TAG) == (datasets.DATA_TAG, datasets.TARGET_TAG)
+
+
 def test_auc_from_histograms() -> None:
     assert auc_from_histograms([0, 0, 3], [2, 0, 0]) == 1.0
     assert auc_from_histograms([2, 0, 0], [0, 0, 3]) == 0.0
