@@ -16,10 +16,18 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, dp_sgd_step
 from .early_stopping import EarlyStopping
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_metrics
 from .fedavg import FedAvg, train_federated
+from .federated_eval import (
+    EvaluationResult,
+    FederatedEvaluator,
+    evaluate_federated,
+    evaluate_on,
+    evaluation_plan_digest,
+)
 from .history import History, RoundMetrics
 from .local_training import training_plan_digest
+from .metrics import Metric
 from .sampling import sample_nodes
 from .strategies import (
     FedAdagrad,
@@ -67,4 +75,11 @@ __all__ = [
     "FedMedian",
     "FedTrimmedAvg",
     "Krum",
+    "evaluate_metrics",
+    "evaluate_federated",
+    "evaluate_on",
+    "evaluation_plan_digest",
+    "FederatedEvaluator",
+    "EvaluationResult",
+    "Metric",
 ]

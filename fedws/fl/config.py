@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .early_stopping import EarlyStopping
+from .metrics import BUILTIN
 from .sampling import SAMPLING_METHODS
 from .strategies import get_strategy
 from .strategy import Strategy
@@ -41,6 +42,12 @@ class FedAvgConfig:
         sampling: how nodes are picked: ``"uniform"``, ``"weighted"`` (by examples) or
             ``"round_robin"`` (see :mod:`fedws.fl.sampling`).
         early_stopping: stop on a metric and keep the best model (:class:`EarlyStopping`).
+        evaluate_on_nodes: after every round, also evaluate the model on each node's
+            held-out shard (tagged ``eval_tags`` plus ``x_tag`` / ``y_tag``); only sums leave.
+        eval_tags: tags every held-out tensor on a node carries (``"#test"``).
+        metrics: metric names (``"loss"``, ``"accuracy"``, ``"mse"``, ``"mae"``, ``"auc"``,
+            ``"histograms"``); empty: by task (float targets: loss, MSE, MAE; labels: loss,
+            accuracy). ``FedAvg(metrics=...)`` also takes user metrics.
     """
 
     rounds: int = 5
@@ -60,6 +67,9 @@ class FedAvgConfig:
     strategy: str | Strategy = "fedavg"
     sampling: str = "uniform"
     early_stopping: EarlyStopping | None = None
+    evaluate_on_nodes: bool = False
+    eval_tags: tuple[str, ...] = field(default_factory=lambda: ("#test",))
+    metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -78,6 +88,11 @@ class FedAvgConfig:
         get_strategy(self.strategy)  # an unknown name fails here, not in round 1
         if self.sampling not in SAMPLING_METHODS:
             raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {self.sampling!r}")
+        object.__setattr__(self, "eval_tags", tuple(self.eval_tags))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        unknown = [m for m in self.metrics if m not in BUILTIN]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}: use {BUILTIN} (user metrics go to FedAvg(metrics=...))")
 
     def nodes_to_select(self, available: int) -> int:
         """How many of ``available`` nodes a round selects."""
@@ -90,4 +105,6 @@ class FedAvgConfig:
         d["data_tags"] = list(self.data_tags)
         d["strategy"] = self.strategy if isinstance(self.strategy, str) else self.strategy.name
         d["early_stopping"] = None if self.early_stopping is None else self.early_stopping.to_dict()
+        d["eval_tags"] = list(self.eval_tags)
+        d["metrics"] = list(self.metrics)
         return d

@@ -33,7 +33,7 @@ from ..pointers import PointerTensor
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, Privacy, start_dp_release
-from .evaluate import evaluate
+from .federated_eval import FederatedEvaluator, score_round
 from .history import History, RoundMetrics
 from .local_training import (
     LocalRun,
@@ -44,6 +44,7 @@ from .local_training import (
     find_data,
     start_local_training,
 )
+from .metrics import Metric
 from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import select_nodes
@@ -87,6 +88,12 @@ class FedAvg:
             :class:`~fedws.fl.strategy.Strategy`); None: ``config.strategy``. With
             ``aggregator=`` only weighted-average strategies work (the average is all the
             coordinator gets).
+        metrics: what to score, by name or :class:`~fedws.fl.metrics.Metric` (default
+            ``config.metrics``, else by task); used centrally and on the nodes.
+        evaluate_on_nodes: also evaluate on each node's held-out shard (default
+            ``config.evaluate_on_nodes``); per-node figures go to the History.
+        federated_eval: a :class:`~fedws.fl.federated_eval.FederatedEvaluator` of your own
+            (another data location, bins, timeout); implies ``evaluate_on_nodes``.
     """
 
     def __init__(
@@ -104,6 +111,9 @@ class FedAvg:
         dp: DPConfig | None = None,
         secure_aggregation: bool = False,
         strategy: str | Strategy | None = None,
+        metrics: Sequence[str | Metric] | None = None,
+        evaluate_on_nodes: bool | None = None,
+        federated_eval: FederatedEvaluator | None = None,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -150,6 +160,16 @@ class FedAvg:
             )
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
+        cfg = self.config
+        chosen: list[str | Metric] = list(metrics or cfg.metrics)
+        self.score_metrics = chosen or None
+        on_nodes = cfg.evaluate_on_nodes if evaluate_on_nodes is None else evaluate_on_nodes
+        if federated_eval is None and on_nodes:
+            federated_eval = FederatedEvaluator(
+                self.score_metrics, loss_fn=loss_fn, tags=cfg.eval_tags, x_tag=cfg.x_tag, y_tag=cfg.y_tag,
+                timeout=cfg.round_timeout,
+            )
+        self.federated_eval = federated_eval
 
     # -- the run ----------------------------------------------------------------------
 
@@ -270,8 +290,10 @@ class FedAvg:
         )
         if self.dp is not None:
             metrics.epsilon = self.dp.account([w.id for w in selected], len(self.workers))
-        if self.test_data is not None:
-            metrics.test_loss, metrics.test_accuracy = evaluate(self.model, *self.test_data, self.loss_fn)
+        score_round(
+            metrics, self.model, test_data=self.test_data, chosen=self.score_metrics, loss_fn=self.loss_fn,
+            evaluator=self.federated_eval, workers=self.workers,
+        )
         metrics.seconds = time.perf_counter() - t0
         log.info(
             "round %d: %d nodes, train loss %.4f, test accuracy %s",
