@@ -17,8 +17,11 @@ from .config import FedAvgConfig
 from .evaluate import evaluate
 from .fedavg import FedAvg, train_federated
 from .history import History, RoundMetrics
-from .local_training import training_plan_digest
+from .fit import async_fit, fit
+from .local_training import step_plan_digest, training_plan_digest
 from .sampling import sample_nodes
+from .train_config import TrainConfig, local_step
+from .train_step import FunctionalOptimizer, LocalStep, OptimizerSpec, default_train_step
 
 __all__ = [
     "FedAvg",
@@ -35,4 +38,13 @@ __all__ = [
     "evaluate",
     "sample_nodes",
     "training_plan_digest",
+    "step_plan_digest",
+    "TrainConfig",
+    "local_step",
+    "LocalStep",
+    "OptimizerSpec",
+    "FunctionalOptimizer",
+    "default_train_step",
+    "fit",
+    "async_fit",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..client.worker import Worker
-from ..exceptions import PointerError, RoundFailedError
+from ..exceptions import PlanError, PointerError, RoundFailedError
 from ..pointers import PointerTensor
 from .aggregate import fedavg
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -47,6 +47,8 @@ from .local_training import (
 from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import sample_nodes
+from .train_config import TrainConfig, local_step
+from .train_step import LocalStep, OptimizerLike, SchedulerFactory, StepFn
 from .trusted import connect_aggregator, start_trusted_average
 
 __all__ = ["FedAvg", "train_federated"]
@@ -74,6 +76,14 @@ class FedAvg:
             continues from it.
         progress: show a tqdm bar; None shows it on a terminal and in a Jupyter notebook (a widget when ipywidgets is installed).
         on_round: called with each round's metrics (printing, early stopping by raising).
+        train_step: your own ``train_step(model, optimizer, x, y) -> loss``, traced into a
+            plan (contract: :mod:`fedws.fl.train_step`). None: the built-in SGD step.
+        optimizer, optimizer_args: ``"Adam"``/``torch.optim.AdamW``/a factory, and its keywords.
+        lr_scheduler, max_grad_norm: a torch scheduler factory (per local run); clipping.
+        train_config: a :class:`TrainConfig` giving the step, optimizer, schedule, clipping
+            and loss at once (epochs, batch size and seed stay ``config``'s).
+        round_config: ``round_config(worker_id, round) -> {"lr": ..., "proximal_mu": ...}``,
+            the per-node config of a round.
     """
 
     def __init__(
@@ -88,6 +98,13 @@ class FedAvg:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
+        train_step: StepFn | None = None,
+        optimizer: OptimizerLike | None = None,
+        optimizer_args: Mapping[str, Any] | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        max_grad_norm: float | None = None,
+        train_config: TrainConfig | None = None,
+        round_config: Callable[[str, int], Mapping[str, Any]] | None = None,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -108,6 +125,16 @@ class FedAvg:
         self.history = History()
         self._data: dict[str, NodeData] = {}
         self._plans = TrainingPlans()  # the training-step plan, traced once, kept on the nodes
+        self.round_config = round_config
+        self.step: LocalStep | None = train_config.step if train_config is not None else None
+        if train_config is not None:
+            self.loss_fn = train_config.loss_fn
+        elif any(v is not None for v in (train_step, optimizer, optimizer_args, lr_scheduler, max_grad_norm)):
+            self.step = local_step(
+                loss_fn=loss_fn, train_step=train_step, optimizer=optimizer, optimizer_args=optimizer_args,
+                lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
+                default_lr=self.config.lr, default_momentum=self.config.momentum,
+            )
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
 
@@ -179,7 +206,11 @@ class FedAvg:
                     loss_fn=self.loss_fn,
                     fetch_state=self.aggregator is None,
                     plans=self._plans,
+                    step=self.step,
+                    round_config=self.round_config(w.id, round_number) if self.round_config else None,
                 )
+            except PlanError:  # the user's step breaks the plan contract: no node is at fault
+                raise
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)
         results, failures = wait_all({wid: run.futures for wid, run in runs.items()}, deadline)

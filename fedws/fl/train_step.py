@@ -264,7 +264,7 @@ class FunctionalOptimizer:
         with torch.no_grad():
             grads = [p.grad for _, p in live]
             if self.max_grad_norm is not None and grads:
-                norms = torch.stack([torch.linalg.vector_norm(g, 2) for g in grads])  # type: ignore[misc]
+                norms = torch.stack([torch.linalg.vector_norm(g, 2) for g in grads])
                 total = torch.linalg.vector_norm(norms, 2)
                 coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
                 grads = [g.mul(coef) for g in grads]  # type: ignore[union-attr]
@@ -377,7 +377,7 @@ def build_step_plan(
     params = list(net.parameters())
     for p in params:
         p.grad = None
-    trainable = [p for p in params if p.requires_grad]
+    trainable: list[torch.Tensor] = [p for p in params if p.requires_grad]
     name = getattr(step.train_step, "__name__", "train_step")
     user_step = step.train_step
     spec = step.optimizer
