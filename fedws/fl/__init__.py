@@ -16,8 +16,8 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .evaluate import evaluate
 from .fedavg import FedAvg, train_federated
-from .history import History, RoundMetrics
 from .fit import async_fit, fit
+from .history import History, RoundMetrics
 from .local_training import step_plan_digest, training_plan_digest
 from .sampling import sample_nodes
 from .train_config import TrainConfig, local_step

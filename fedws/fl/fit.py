@@ -22,7 +22,7 @@ import torch
 from ..client.worker import Worker
 from ..pointers import PointerTensor
 from .config import FedAvgConfig
-from .local_training import LocalRun, NodeData, TrainingPlans, _start_step_training, data_from_search
+from .local_training import LocalRun, NodeData, _start_step_training, data_from_search
 from .remote import first_error, search_nowait
 from .train_config import TrainConfig, config_sent_to
 
@@ -30,18 +30,6 @@ __all__ = ["fit", "async_fit", "install"]
 
 # The tags a node serves a dataset under (fedws.datasets, which this layer cannot import).
 DATA_TAG, TARGET_TAG = "#data", "#target"
-
-# One plan cache (and kept optimizer state) per TrainConfig, keyed by its id while it lives.
-_PLANS: dict[int, tuple[TrainConfig, TrainingPlans]] = {}
-_fits: dict[tuple[int, str], int] = {}
-
-
-def _plans_of(config: TrainConfig) -> TrainingPlans:
-    held = _PLANS.get(id(config))
-    if held is None or held[0] is not config:
-        held = (config, TrainingPlans())
-        _PLANS[id(config)] = held
-    return held[1]
 
 
 def _search(worker: Worker, dataset_key: str) -> tuple[Future[list[PointerTensor]], Future[list[PointerTensor]]]:
@@ -57,11 +45,11 @@ def _queue(worker: Worker, config: TrainConfig, dataset_key: str, xs: list[Point
         keep_optimizer_state=config.keep_optimizer_state,
     )
     data: NodeData = data_from_search(worker, fcfg, xs, ys)
-    count = _fits.get((id(config), worker.id), 0) + 1
-    _fits[(id(config), worker.id)] = count
+    pointer = config.pointer_for(worker)
+    pointer.fits += 1
     return _start_step_training(
-        config.model, data, fcfg, config.step, round_number=count, fetch_state=True,
-        plans=_plans_of(config), lr=config.step.optimizer.lr, mu=0.0,
+        config.model, data, fcfg, config.step, round_number=pointer.fits, fetch_state=True,
+        plans=config.plans, lr=config.step.optimizer.lr, mu=0.0,
         shuffle=config.shuffle, max_batches=config.max_nr_batches,
     )
 

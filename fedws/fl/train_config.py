@@ -20,9 +20,12 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..exceptions import PlanError
+from .local_training import TrainingPlans
 from .train_step import (
     LocalStep,
     LossFn,
@@ -73,6 +76,7 @@ class ModelPointer:
         self.config = config
         self.location = worker
         self.trained: nn.Module | None = None
+        self.fits = 0  # seeds each fit's minibatch order
 
     def get(self) -> nn.Module:
         """The model after the last ``fit`` on this worker (the sent model if none ran yet)."""
@@ -122,6 +126,12 @@ class TrainConfig:
     ) -> None:
         if batch_size < 1 or epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise PlanError(
+                "TrainConfig needs the nn.Module itself, not a TorchScript module (torch.jit.trace/"
+                "script of it): fedws traces the module's Python forward into a plan, and a "
+                "TorchScript module has none to trace"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.batch_size = batch_size
@@ -136,6 +146,7 @@ class TrainConfig:
             lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm, scheduler_step=scheduler_step,
         )
         self.model_ptr: ModelPointer | None = None
+        self.plans = TrainingPlans()  # the traced step, where it was sent, kept optimizer state
         self._pointers: dict[str, ModelPointer] = {}
 
     def send(self, worker: Worker) -> TrainConfig:
