@@ -7,6 +7,7 @@ model, same minibatch order, same optimizer and scheduler) to float tolerance.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -218,3 +219,37 @@ def test_step_digest_depends_on_the_step_not_on_the_learning_rate() -> None:
     assert d == step_plan_digest(make_model(), adam2, **like)  # type: ignore[arg-type]
     assert d != step_plan_digest(make_model(), sgd, **like)  # type: ignore[arg-type]
     assert d != step_plan_digest(make_model(), adam1, proximal=True, **like)  # type: ignore[arg-type]
+
+
+def test_a_private_node_runs_a_user_step_only_once_its_digest_is_approved(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fedws.launch import start_node
+
+    token = "tr41n-token"
+    step = LocalStep(my_step, OptimizerSpec.of("Adam", {"lr": 0.01}))
+    like = dict(x_like=((FEATURES,), torch.float32), y_like=((), torch.int64))
+    digest = step_plan_digest(make_model(), step, proximal=True, **like)  # type: ignore[arg-type]
+    x, y = data(4)
+    save_file({"x": x, "y": y}, str(tmp_path / "d.safetensors"))
+    lines = ['id = "alice"', "port = 0", "[release]", f'approved_plans = ["{digest}"]']
+    for key, tag in (("x", "#x"), ("y", "#y")):
+        lines += ["[[data]]", 'file = "d.safetensors"', f'key = "{key}"', f'tags = ["#train", "{tag}"]']
+    (tmp_path / "alice.toml").write_text("\n".join(lines) + "\n")
+    n = start_node(tmp_path / "alice.toml", extra_args=["--threads", "1", "--token", token])
+    try:
+        alice = sy.connect(n.url, token, hook=sy.TorchHook(torch, federation=sy.Federation()), timeout=30.0)
+        cfg = FedAvgConfig(rounds=2, batch_size=16, keep_optimizer_state=True)
+        prox = lambda wid, r: {"proximal_mu": 0.1}  # noqa: E731
+        model = make_model()
+        history = FedAvg(model, [alice], cfg, train_step=my_step, optimizer="Adam", optimizer_args={"lr": 0.01},
+                         round_config=prox, progress=False).fit()
+        assert [r.nodes for r in history] == [["alice"], ["alice"]]
+        assert not torch.equal(next(model.parameters()), next(make_model().parameters()))
+        # the same step without the proximal term is another plan: not approved, nothing leaves
+        with pytest.raises(sy.RoundFailedError, match="PermissionDeniedError"):
+            FedAvg(make_model(), [alice], cfg, train_step=my_step, optimizer="Adam", optimizer_args={"lr": 0.01},
+                   progress=False).fit()
+        alice.close()
+    finally:
+        n.stop()
