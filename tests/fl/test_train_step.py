@@ -7,8 +7,8 @@ model, same minibatch order, same optimizer and scheduler) to float tolerance.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
