@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .client.worker import Worker
     from .connecting import connect, connect_async
     from .datasets import BaseDataset, FederatedDataLoader, FederatedDataset
+    from .fl.train_config import TrainConfig
     from .grid import PrivateGridNetwork
     from .hook import TorchHook
     from .plans import MultiPointerPlan, Plan, PointerPlan, PointerProtocol, Protocol, State, func2plan
@@ -84,6 +85,7 @@ _LAZY = {
     "FederatedDataLoader": "datasets",
     "AdditiveSharingTensor": "smpc",
     "FixedPrecisionTensor": "smpc",
+    "TrainConfig": "fl.train_config",
 }
 
 __all__ = [
@@ -112,6 +114,7 @@ __all__ = [
     "BaseDataset",
     "FederatedDataset",
     "FederatedDataLoader",
+    "TrainConfig",
     "local_worker",
     "FedwsError",
     "ProtocolError",

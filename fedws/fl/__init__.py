@@ -25,8 +25,9 @@ from .federated_eval import (
     evaluate_on,
     evaluation_plan_digest,
 )
+from .fit import async_fit, fit
 from .history import History, RoundMetrics
-from .local_training import training_plan_digest
+from .local_training import step_plan_digest, training_plan_digest
 from .metrics import Metric
 from .sampling import sample_nodes
 from .strategies import (
@@ -42,6 +43,8 @@ from .strategies import (
     get_strategy,
 )
 from .strategy import EvaluateResult, FitResult, Strategy, WeightedAverageStrategy
+from .train_config import TrainConfig, local_step
+from .train_step import FunctionalOptimizer, LocalStep, OptimizerSpec, default_train_step
 
 __all__ = [
     "FedAvg",
@@ -82,4 +85,13 @@ __all__ = [
     "FederatedEvaluator",
     "EvaluationResult",
     "Metric",
+    "step_plan_digest",
+    "TrainConfig",
+    "local_step",
+    "LocalStep",
+    "OptimizerSpec",
+    "FunctionalOptimizer",
+    "default_train_step",
+    "fit",
+    "async_fit",
 ]

@@ -29,6 +29,8 @@ class FedAvgConfig:
         batch_size: local minibatch size.
         lr: learning rate of the local SGD.
         momentum: momentum of the local SGD (its state is not kept between rounds).
+        keep_optimizer_state: keep each node's optimizer state (momentum, Adam moments, step
+            count) on the node from one round to the next; False starts it afresh each round.
         round_timeout: seconds a round waits for the nodes; slower nodes are dropped.
         seed: seeds node selection and the order of the local minibatches, so a run is
             reproducible.
@@ -58,6 +60,7 @@ class FedAvgConfig:
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.0
+    keep_optimizer_state: bool = False
     round_timeout: float = 60.0
     seed: int = 0
     data_tags: tuple[str, ...] = field(default_factory=lambda: ("#train",))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..client.worker import Worker
-from ..exceptions import PointerError, RoundFailedError
+from ..exceptions import PlanError, PointerError, RoundFailedError
 from ..pointers import PointerTensor
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
@@ -51,6 +51,8 @@ from .sampling import select_nodes
 from .secagg import secure_sum
 from .strategies import get_strategy
 from .strategy import FitResult, Strategy, WeightedAverageStrategy
+from .train_config import TrainConfig, local_step
+from .train_step import LocalStep, OptimizerLike, SchedulerFactory, StepFn
 from .trusted import connect_aggregator, start_trusted_average
 
 __all__ = ["FedAvg", "train_federated"]
@@ -94,6 +96,14 @@ class FedAvg:
             ``config.evaluate_on_nodes``); per-node figures go to the History.
         federated_eval: a :class:`~fedws.fl.federated_eval.FederatedEvaluator` of your own
             (another data location, bins, timeout); implies ``evaluate_on_nodes``.
+        train_step: your own ``train_step(model, optimizer, x, y) -> loss``, traced into a
+            plan (contract: :mod:`fedws.fl.train_step`). None: the built-in SGD step.
+        optimizer, optimizer_args: ``"Adam"``/``torch.optim.AdamW``/a factory, and its keywords.
+        lr_scheduler, max_grad_norm: a torch scheduler factory (per local run); clipping.
+        train_config: a :class:`TrainConfig` giving the step, optimizer, schedule, clipping
+            and loss at once (epochs, batch size and seed stay ``config``'s).
+        round_config: ``round_config(worker_id, round) -> {"lr": ..., "proximal_mu": ...}``,
+            the per-node config of a round.
     """
 
     def __init__(
@@ -114,6 +124,13 @@ class FedAvg:
         metrics: Sequence[str | Metric] | None = None,
         evaluate_on_nodes: bool | None = None,
         federated_eval: FederatedEvaluator | None = None,
+        train_step: StepFn | None = None,
+        optimizer: OptimizerLike | None = None,
+        optimizer_args: Mapping[str, Any] | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        max_grad_norm: float | None = None,
+        train_config: TrainConfig | None = None,
+        round_config: Callable[[str, int], Mapping[str, Any]] | None = None,
     ) -> None:
         if not workers:
             raise ValueError("FedAvg needs at least one worker")
@@ -158,6 +175,16 @@ class FedAvg:
                 f"strategy {self.strategy!r} needs every node's model; with secure_aggregation=True the "
                 "coordinator learns only their weighted sum: use a weighted-average strategy"
             )
+        self.round_config = round_config
+        self.step: LocalStep | None = train_config.step if train_config is not None else None
+        if train_config is not None:
+            self.loss_fn = train_config.loss_fn
+        elif any(v is not None for v in (train_step, optimizer, optimizer_args, lr_scheduler, max_grad_norm)):
+            self.step = local_step(
+                loss_fn=loss_fn, train_step=train_step, optimizer=optimizer, optimizer_args=optimizer_args,
+                lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
+                default_lr=self.config.lr, default_momentum=self.config.momentum,
+            )
         if aggregator is not None:
             connect_aggregator(aggregator, self.workers)
         cfg = self.config
@@ -170,6 +197,14 @@ class FedAvg:
                 timeout=cfg.round_timeout,
             )
         self.federated_eval = federated_eval
+
+    def _round_config(self, worker_id: str, round_number: int) -> dict[str, Any] | None:
+        """What a node's local step reads this round: the strategy's ``configure_fit``
+        (FedProx's ``proximal_mu``), overridden by the user's ``round_config`` (``lr``...)."""
+        merged = dict(self.fit_configs.get(worker_id, {}))
+        if self.round_config is not None:
+            merged.update(self.round_config(worker_id, round_number))
+        return merged or None
 
     # -- the run ----------------------------------------------------------------------
 
@@ -250,9 +285,13 @@ class FedAvg:
                     fetch_state=self.aggregator is None and not self.secure_aggregation
                     and (self.dp is None or self.dp.config.mode == "central"),
                     plans=self._plans,
+                    step=self.step,
+                    round_config=self._round_config(w.id, round_number),
                 )
                 if self.dp is not None and self.dp.config.mode == "local":
                     start_dp_release(runs[w.id], global_state, self.dp.config)
+            except PlanError:  # the user's step breaks the plan contract: no node is at fault
+                raise
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)
         results, failures = wait_all({wid: run.futures for wid, run in runs.items()}, deadline)

@@ -17,9 +17,10 @@ aggregator, nothing but the summed loss).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import zlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from ..plans import Plan, PointerPlan
 from ..pointers import PointerTensor
 from .config import FedAvgConfig
 from .remote import barrier_nowait, fetch_nowait, mark, search_nowait
+from .train_step import LocalStep, OptimizerSpec, build_step_plan, default_train_step, lr_schedule, new_state
 
 __all__ = [
     "NodeData",
@@ -43,6 +45,7 @@ __all__ = [
     "find_data",
     "data_from_search",
     "start_local_training",
+    "step_plan_digest",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,6 +120,7 @@ class LocalRun:
     examples_seen: int
     state_keys: list[str] = field(default_factory=list)
     step_losses: list[Any] = field(default_factory=list)
+    loss_sum: Any = None
 
     @property
     def node_id(self) -> str:
@@ -236,6 +240,24 @@ def training_plan_digest(
     return plan.signature.code.digest(plan.state_tensors)
 
 
+def step_plan_digest(
+    model: nn.Module,
+    step: LocalStep,
+    *,
+    x_like: tuple[tuple[int, ...], torch.dtype],
+    y_like: tuple[tuple[int, ...], torch.dtype],
+    proximal: bool = False,
+) -> str:
+    """The digest a private node must approve to run your own training step (``fedws plan approve``).
+
+    The lr and the FedProx mu are arguments of the plan, so one digest covers every
+    schedule; the optimizer's other hyperparameters, clipping and ``proximal`` (a round
+    config with ``proximal_mu`` > 0) are baked in.
+    """
+    plan = build_step_plan(model, step, x_like=x_like, y_like=y_like, proximal=proximal)
+    return plan.signature.code.digest(plan.state_tensors)
+
+
 class TrainingPlans:
     """The training-step plans of a federated run, and where they have been sent.
 
@@ -247,21 +269,41 @@ class TrainingPlans:
     def __init__(self) -> None:
         self._built: dict[Hashable, Plan] = {}
         self._sent: dict[str, tuple[Hashable, PointerPlan]] = {}
+        # Optimizer state kept on each node between rounds (keep_optimizer_state): key, pointers.
+        self.optimizer_state: dict[str, tuple[Hashable, list[Any]]] = {}
 
-    def for_node(self, model: nn.Module, data: NodeData, config: FedAvgConfig, loss_fn: LossFn) -> PointerPlan:
-        """The plan for training ``model`` on ``data``, on its node (sent if it is not yet there)."""
+    def for_node(
+        self,
+        model: nn.Module,
+        data: NodeData,
+        config: FedAvgConfig,
+        loss_fn: LossFn | None,
+        step: LocalStep | None = None,
+        proximal: bool = False,
+    ) -> PointerPlan:
+        """The plan for training ``model`` on ``data``, on its node (sent if it is not yet there).
+
+        ``step`` None: the built-in SGD step; else the user's step (``proximal``: with the FedProx term).
+        """
         x_like = (tuple(data.x.shape[1:]), data.x.dtype)
         y_like = (tuple(data.y.shape[1:]), data.y.dtype)
-        key = (_architecture(model), loss_fn, config.lr, config.momentum, x_like, y_like)
+        if step is None:
+            key: Hashable = (_architecture(model), loss_fn, config.lr, config.momentum, x_like, y_like)
+        else:
+            key = (_architecture(model), step.key(), proximal, x_like, y_like)
         worker = data.worker
         sent = self._sent.get(worker.id)
         if sent is not None and sent[0] == key and sent[1].location is worker:
             return sent[1]
         plan = self._built.get(key)
         if plan is None:
-            plan = build_training_plan(
-                model, loss_fn, lr=config.lr, momentum=config.momentum, x_like=x_like, y_like=y_like
-            )
+            if step is None:
+                assert loss_fn is not None, "the built-in step needs a loss"
+                plan = build_training_plan(
+                    model, loss_fn, lr=config.lr, momentum=config.momentum, x_like=x_like, y_like=y_like
+                )
+            else:
+                plan = build_step_plan(model, step, x_like=x_like, y_like=y_like, proximal=proximal)
             self._built[key] = plan
         pointer = plan.send(worker)
         self._sent[worker.id] = (key, pointer)
@@ -271,6 +313,7 @@ class TrainingPlans:
     def forget(self, worker_id: str) -> None:
         """Send the plan to ``worker_id`` again next time (it was dropped from a round)."""
         self._sent.pop(worker_id, None)
+        self.optimizer_state.pop(worker_id, None)
         self._prune()
 
     def _prune(self) -> None:
@@ -299,6 +342,8 @@ def start_local_training(
     loss_fn: LossFn,
     fetch_state: bool,
     plans: TrainingPlans | None = None,
+    step: LocalStep | None = None,
+    round_config: Mapping[str, Any] | None = None,
 ) -> LocalRun:
     """Queue ``config.local_epochs`` of SGD on the node; return without waiting.
 
@@ -313,10 +358,26 @@ def start_local_training(
         fetch_state: also queue fetches of the trained parameters (the plain coordinator
             aggregation); False when a trusted aggregator collects them instead.
         plans: the run's plan cache; None builds and sends a plan for this call only.
+        step: the user's training step (optimizer, schedule, clipping); None: the built-in
+            SGD step (unless the round config or ``keep_optimizer_state`` needs the general one).
+        round_config: this node's config for the round: ``"lr"`` replaces the learning rate,
+            ``"proximal_mu"`` > 0 adds FedProx's ``mu/2 * ||w - w_global||^2`` to the loss.
     """
+    rc = dict(round_config or {})
+    mu = float(rc.get("proximal_mu", 0.0) or 0.0)
+    if step is None and (mu > 0 or config.keep_optimizer_state):
+        spec = OptimizerSpec.of("SGD", {"lr": config.lr, "momentum": config.momentum})
+        step = LocalStep(default_train_step(loss_fn), spec)
+    if step is not None:
+        return _start_step_training(
+            global_model, data, config, step, round_number=round_number, fetch_state=fetch_state,
+            plans=plans or TrainingPlans(), lr=float(rc.get("lr", step.optimizer.lr)), mu=mu,
+        )
+    if "lr" in rc:
+        config = dataclasses.replace(config, lr=float(rc["lr"]))
     worker, n = data.worker, data.num_examples
     start = mark(worker)
-    step = (plans or TrainingPlans()).for_node(global_model, data, config, loss_fn)
+    sgd_step = (plans or TrainingPlans()).for_node(global_model, data, config, loss_fn)
     model = copy.deepcopy(global_model)
     model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
     params = list(model.parameters())
@@ -332,7 +393,7 @@ def start_local_training(
         for lo in range(0, n, config.batch_size):
             # The indices travel inline with the call: one message per step.
             idx = order[lo : lo + config.batch_size]
-            step_losses.append(step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
+            step_losses.append(sgd_step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
     end, done = barrier_nowait(worker)
     futures = [done, fetch_nowait(loss_sum)]
     keys: list[str] = []
@@ -341,3 +402,82 @@ def start_local_training(
             keys.append(key)
             futures.append(fetch_nowait(ptr))
     return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys, step_losses)
+
+
+def _start_step_training(
+    global_model: nn.Module,
+    data: NodeData,
+    config: FedAvgConfig,
+    step: LocalStep,
+    *,
+    round_number: int,
+    fetch_state: bool,
+    plans: TrainingPlans,
+    lr: float,
+    mu: float,
+    shuffle: bool = True,
+    max_batches: int | None = None,
+) -> LocalRun:
+    """:func:`start_local_training` with the user's step: lr per step, optimizer state, FedProx.
+
+    ``max_batches`` stops each epoch after that many minibatches (PySyft's ``max_nr_batches``).
+    """
+    worker, n = data.worker, data.num_examples
+    start = mark(worker)
+    proximal = mu > 0
+    step_plan = plans.for_node(global_model, data, config, None, step, proximal)
+    model = copy.deepcopy(global_model)
+    model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    trainable = [p for p in params if p.requires_grad]
+    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    opt_state = optimizer_state_on(worker, trainable, step, dtype, plans, keep=config.keep_optimizer_state)
+    anchor = [p.detach().clone() for p in trainable] if proximal else []
+    loss_sum = torch.zeros((), dtype=dtype).send(worker)  # type: ignore[attr-defined]  # installed by the hook
+    mu_t = torch.tensor(mu, dtype=dtype)
+    batches = -(-n // config.batch_size)
+    if max_batches is not None and max_batches > 0:
+        batches = min(batches, max_batches)
+    lrs = lr_schedule(step, lr, config.local_epochs, batches)
+    gen = _batch_generator(config.seed, round_number, worker.id)
+    step_losses: list[Any] = []
+    i = seen = 0
+    for _epoch in range(config.local_epochs):
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        for b in range(batches):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            seen += int(idx.shape[0])
+            lr_t = torch.tensor(lrs[i], dtype=dtype)
+            i += 1
+            step_losses.append(step_plan(data.x, data.y, idx, lr_t, mu_t, loss_sum, params, buffers, opt_state, anchor))
+    step_losses.extend(anchor)
+    end, done = barrier_nowait(worker)
+    futures = [done, fetch_nowait(loss_sum)]
+    keys: list[str] = []
+    if fetch_state:
+        for key, ptr in model.state_dict(keep_vars=True).items():
+            keys.append(key)
+            futures.append(fetch_nowait(ptr))
+    return LocalRun(data, model, start, end, futures, seen, keys, step_losses, loss_sum)
+
+
+def optimizer_state_on(
+    worker: Worker,
+    trainable: list[Any],
+    step: LocalStep,
+    dtype: torch.dtype,
+    plans: TrainingPlans,
+    *,
+    keep: bool,
+) -> list[Any]:
+    """The optimizer state on ``worker``: the one kept from the last round, or fresh zeros there."""
+    key = (step.optimizer.kind, step.optimizer.hyper, tuple((tuple(p.shape), p.dtype) for p in trainable))
+    kept = plans.optimizer_state.get(worker.id)
+    if keep and kept is not None and kept[0] == key:
+        return kept[1]
+    fresh = new_state(trainable, step.optimizer, dtype)  # zeros_like of pointers: made on the node
+    fresh[0] = fresh[0].send(worker)  # type: ignore[attr-defined]  # installed by the hook
+    if keep:
+        plans.optimizer_state[worker.id] = (key, fresh)
+    return fresh
