@@ -22,7 +22,7 @@ $(VENV)/bin/python:
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 
 # The pinned CPU torch goes first: a bare `torch` requirement would pull CUDA wheels.
-$(STAMP): pyproject.toml $(PYTHON_DEP)
+$(STAMP): pyproject.toml Makefile $(PYTHON_DEP)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[test,demo,dev,dp,docs,sandbox,secagg]"
 	@touch $(STAMP)
