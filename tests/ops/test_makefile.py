@@ -25,7 +25,12 @@ def _project(tmp_path: Path) -> Path:
 
 
 def _make(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["make", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    # The suite itself runs under `make test`: a sub-make would inherit its level and flags
+    # (and print "Entering directory" lines), so it starts as a top-level make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_by_default_everything_goes_into_a_project_venv(tmp_path: Path) -> None:
