@@ -34,7 +34,16 @@ from ..plans import Plan, PointerPlan
 from ..pointers import PointerTensor
 from .config import FedAvgConfig
 from .remote import barrier_nowait, fetch_nowait, mark, search_nowait
-from .train_step import LocalStep, OptimizerSpec, build_step_plan, default_train_step, lr_schedule, new_state
+from .train_step import (
+    LocalStep,
+    OptimizerSpec,
+    build_step_plan,
+    default_train_step,
+    example_batch,
+    lr_schedule,
+    new_state,
+    param_dtype,
+)
 
 __all__ = [
     "NodeData",
@@ -194,11 +203,9 @@ def build_training_plan(
             loss_sum.add_(batch)
         return batch
 
-    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    dtype = param_dtype(params)
     example = (
-        torch.zeros((2, *x_like[0]), dtype=x_like[1]),
-        torch.zeros((2, *y_like[0]), dtype=y_like[1]),
-        torch.arange(2),
+        *example_batch(x_like, y_like),
         torch.zeros((), dtype=dtype),
         params,
         list(net.buffers()),
@@ -384,7 +391,7 @@ def start_local_training(
     buffers = list(model.buffers())
     # torch ops on pointers return pointers (typed as the torch.Tensor the stubs give).
     velocity = [torch.zeros_like(p) for p in params if p.requires_grad] if config.momentum else []
-    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    dtype = param_dtype(params)
     loss_sum = torch.zeros((), dtype=dtype).send(worker)  # type: ignore[attr-defined]  # installed by the hook
     gen = _batch_generator(config.seed, round_number, worker.id)
     step_losses = []
@@ -431,7 +438,7 @@ def _start_step_training(
     params = list(model.parameters())
     buffers = list(model.buffers())
     trainable = [p for p in params if p.requires_grad]
-    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    dtype = param_dtype(params)
     opt_state = optimizer_state_on(worker, trainable, step, dtype, plans, keep=config.keep_optimizer_state)
     anchor = [p.detach().clone() for p in trainable] if proximal else []
     loss_sum = torch.zeros((), dtype=dtype).send(worker)  # type: ignore[attr-defined]  # installed by the hook

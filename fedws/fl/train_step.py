@@ -413,11 +413,9 @@ def build_step_plan(
             loss_sum.add_(batch)
         return batch
 
-    dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
+    dtype = param_dtype(params)
     example = (
-        torch.zeros((2, *x_like[0]), dtype=x_like[1]),
-        torch.zeros((2, *y_like[0]), dtype=y_like[1]),
-        torch.arange(2),
+        *example_batch(x_like, y_like),
         torch.tensor(spec.lr, dtype=dtype),
         torch.zeros((), dtype=dtype),
         torch.zeros((), dtype=dtype),
@@ -429,6 +427,27 @@ def build_step_plan(
     plan = Plan(run_step, name=name)
     plan.build(*example)
     return plan
+
+
+TensorLike = tuple[tuple[int, ...], torch.dtype]
+
+
+def example_batch(x_like: TensorLike, y_like: TensorLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A two-example batch ``(x, y, indices)`` of the data's signature, to trace a step plan on.
+
+    The built-in step and a user's step are traced on the same example inputs, so their plans
+    (and the digests operators approve) depend only on what the step does.
+    """
+    return (
+        torch.zeros((2, *x_like[0]), dtype=x_like[1]),
+        torch.zeros((2, *y_like[0]), dtype=y_like[1]),
+        torch.arange(2),
+    )
+
+
+def param_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The floating dtype of a model's parameters (lr and loss tensors of a step use it)."""
+    return next((p.dtype for p in params if p.dtype.is_floating_point), torch.get_default_dtype())
 
 
 def new_state(trainable: Sequence[torch.Tensor], spec: OptimizerSpec, dtype: torch.dtype) -> list[torch.Tensor]:
