@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from .client.websocket_worker import WebsocketClientWorker
     from .client.worker import Worker
     from .connecting import connect, connect_async
+    from .connecting import serve, serve_async
+    from .client.listener import NodeListener
     from .datasets import BaseDataset, FederatedDataLoader, FederatedDataset
     from .fl.train_config import TrainConfig
     from .grid import PrivateGridNetwork
@@ -65,6 +67,9 @@ _LAZY = {
     "Worker": "client.worker",
     "connect": "connecting",
     "connect_async": "connecting",
+    "serve": "connecting",
+    "serve_async": "connecting",
+    "NodeListener": "client.listener",
     "TorchHook": "hook",
     "MultiPointerPlan": "plans",
     "Plan": "plans",
@@ -96,6 +101,9 @@ __all__ = [
     "WebsocketClientWorker",
     "connect",
     "connect_async",
+    "serve",
+    "serve_async",
+    "NodeListener",
     "PointerTensor",
     "PointerParameter",
     "MultiPointerTensor",

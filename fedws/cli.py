@@ -77,6 +77,13 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="free a session's objects this long after its last connection closed, unless it "
         "reconnects first or made them durable (ptr.persist()); default 300",
     )
+    p.add_argument(
+        "--connect", metavar="URL",
+        help="dial out instead of listening: connect to the coordinator at URL (ws:// or wss://; "
+        "sy.serve(...) there) and redial with backoff when the link drops (nodes behind firewalls)",
+    )
+    p.add_argument("--token-file", type=Path, help="file holding the token (first line; instead of --token)")
+    p.add_argument("--cafile", help="with --connect wss://: the certificate (or CA) the coordinator must present")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging: debug lines of every fedws logger")
     p.add_argument(
         "--log-level", action="append", default=[], metavar="[LOGGER=]LEVEL",
@@ -195,6 +202,11 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    if args.token_file is not None:
+        try:
+            args.token = args.token_file.read_text().strip() or None
+        except OSError as exc:
+            raise SystemExit(f"fedws worker: cannot read token file {args.token_file}: {exc.strerror or exc}") from None
     cfg.token = args.token or os.environ.get("FEDWS_TOKEN") or cfg.token
     if args.insecure_dev:  # development: open policy and open peer links
         cfg.policy = "open"
@@ -233,6 +245,9 @@ def run_worker(args: argparse.Namespace) -> int:
     if cfg.policy == "open":
         print(f"fedws worker {cfg.id}: {INSECURE_WARNING}", file=sys.stderr, flush=True)
 
+    if args.connect:
+        return _dial(server, args, cfg)
+
     def ready(url: str) -> None:
         print(f"fedws worker {cfg.id} listening on {url}", flush=True)
 
@@ -246,6 +261,23 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"fedws worker: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}{hint}",
               file=sys.stderr)
         return 2
+    return 0
+
+
+def _dial(server, args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyped-def]
+    """``fedws worker --connect URL``: the node dials its coordinator instead of listening."""
+    from .node_process import dial
+
+    token = cfg.token
+    if not token:
+        print("fedws worker: --connect needs the token shared with the coordinator (--token-file, --token "
+              "or $FEDWS_TOKEN)", file=sys.stderr)
+        return 2
+
+    def ready(url: str) -> None:
+        print(f"fedws worker {cfg.id} connected to {url}", flush=True)
+
+    dial(server, args.connect, token, cafile=args.cafile, ready=ready)
     return 0
 
 

@@ -9,9 +9,11 @@ the process's default federation, handed in here explicitly: no constructor read
 from __future__ import annotations
 
 import ssl as ssl_module
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from .client.federation import Federation
+from .client.listener import NodeListener
 from .client.websocket_worker import WebsocketClientWorker
 from .client.worker import Worker, as_federation
 from .exceptions import FedwsConnectionError
@@ -19,7 +21,7 @@ from .hook import TorchHook, default_federation
 from .transport.inproc import InprocLink, inproc_name, lookup_node
 from .transport.link import Endpoint
 
-__all__ = ["connect", "connect_async", "SCHEMES"]
+__all__ = ["connect", "connect_async", "SCHEMES", "serve", "serve_async"]
 
 SCHEMES = ("ws", "wss", "inproc")
 """URL schemes :func:`connect` understands."""
@@ -136,3 +138,71 @@ async def connect_async(
         connect=False,
     )
     return await worker.connect_async()
+
+
+def _listener(
+    host: str, port: int, token: str | None, tokens: Mapping[str, str] | None,
+    hook: TorchHook | Federation[Worker] | None, federation: Federation[Worker] | None,
+    name: str, certfile: str | None, keyfile: str | None, timeout: float | None,
+) -> NodeListener:
+    return NodeListener(
+        _federation(hook, federation), host, port, token=token, tokens=tokens, name=name,
+        certfile=certfile, keyfile=keyfile, timeout=timeout,
+    )
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8778,
+    *,
+    token: str | None = None,
+    tokens: Mapping[str, str] | None = None,
+    hook: TorchHook | Federation[Worker] | None = None,
+    federation: Federation[Worker] | None = None,
+    name: str = "coordinator",
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    timeout: float | None = 60.0,
+) -> NodeListener:
+    """Listen for nodes that dial out (``fedws worker --connect URL --token-file F``).
+
+    The nodes' workers join the federation (default: the process's default one) as they
+    connect; ``listener.wait_for_nodes(n, timeout)`` returns them. Each node checks that
+    this coordinator knows its token before it answers anything, and then treats it as the
+    principal that token names in its own config (see :mod:`fedws.transport.dialer`).
+
+    Args:
+        host, port: where to listen (port 0 picks a free one: ``listener.url``).
+        token: the token the nodes present; tokens: node id -> its own token.
+        hook, federation: the federation the workers join.
+        name: what this coordinator calls itself to the nodes.
+        certfile, keyfile: listen on ``wss://``.
+        timeout: default seconds a blocking call on the workers waits.
+
+    Raises:
+        ValueError: no token.
+        OSError: the address cannot be bound.
+
+    Example:
+        >>> listener = sy.serve("0.0.0.0", 8778, token=token)
+        >>> alice, bob = listener.wait_for_nodes(2, timeout=60)
+    """
+    return _listener(host, port, token, tokens, hook, federation, name, certfile, keyfile, timeout).start()
+
+
+async def serve_async(
+    host: str = "127.0.0.1",
+    port: int = 8778,
+    *,
+    token: str | None = None,
+    tokens: Mapping[str, str] | None = None,
+    hook: TorchHook | Federation[Worker] | None = None,
+    federation: Federation[Worker] | None = None,
+    name: str = "coordinator",
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    timeout: float | None = 60.0,
+) -> NodeListener:
+    """``await sy.serve_async(...)``: :func:`serve` without blocking the caller's loop."""
+    listener = _listener(host, port, token, tokens, hook, federation, name, certfile, keyfile, timeout)
+    return await listener.start_async()

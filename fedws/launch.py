@@ -66,14 +66,19 @@ def start_node(
     extra_args: Sequence[str] = (),
     timeout: float = 60.0,
     log_file: Path | None = None,
+    connect: str | None = None,
 ) -> NodeProcess:
     """Start one node and return once it listens (port 0 picks a free port).
+
+    With ``connect`` (a coordinator's URL, ``sy.serve(...)`` there) the node dials out
+    instead (``--connect``); it returns once the coordinator accepted it, and ``url`` is the
+    coordinator's. Pass the token in ``extra_args`` (``--token-file F``).
 
     Raises:
         RuntimeError: the node exited or printed no URL within ``timeout``; its output is
             in the message.
     """
-    cmd = _command(config, id, port, extra_args)
+    cmd = _command(config, id, port, [*extra_args, *(["--connect", connect] if connect else [])])
     stderr = open(log_file, "a") if log_file else subprocess.STDOUT  # noqa: SIM115
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1, start_new_session=True
@@ -86,7 +91,7 @@ def start_node(
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if " listening on " in line:
+            if " listening on " in line or " connected to " in line:
                 found.append(line.strip())
                 done.set()
                 break

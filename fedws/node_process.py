@@ -27,12 +27,13 @@ from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
 from .protocol.codec import peek_kinds
 from .protocol.ids import new_id
 from .protocol.messages import Kind
+from .transport.dialer import DialOut
 from .transport.handshake import DEFAULT_PRINCIPAL, Credentials, token_digest
 from .transport.link import Chunks, FrameHandler
 from .transport.server import FrameServer
 from .virtual import VirtualWorker
 
-__all__ = ["NodeServer", "serve", "bounded"]
+__all__ = ["NodeServer", "serve", "bounded", "dial"]
 
 log = logging.getLogger("fedws.server")
 
@@ -244,6 +245,33 @@ class NodeServer:
             except Exception:  # the peer's error surfaces where its result is used
                 log.debug("node %s: peer %s reported an error or did not answer", self.config.id, peer.id)
 
+    # -- dialing out (a node behind a firewall) ------------------------------------------
+
+    def dial_out(
+        self,
+        url: str,
+        token: str,
+        *,
+        ssl: ssl.SSLContext | None = None,
+        on_connected: Callable[[str, str], None] | None = None,
+    ) -> DialOut:
+        """This node dialing the coordinator at ``url`` instead of listening (run its ``run()``).
+
+        The coordinator must prove it knows ``token``; it then acts as the principal
+        ``token`` names in this node's credentials (trust model: :mod:`fedws.transport.dialer`).
+
+        Raises:
+            ValueError: ``token`` is none of the tokens this node accepts.
+        """
+        principal = self.credentials(self.config).principal_for(f"Bearer {token}")
+        if principal is None or not token:
+            raise ValueError("the token to dial with is none of the tokens this node accepts ([[tokens]] / --token)")
+        return DialOut(
+            self.config.id, url, token, principal=principal, open_session=self._open_session,
+            close_session=self._close_session, answer_inline=bounded, ssl=ssl,
+            max_frame_mb=self.config.max_frame_mb, on_connected=on_connected,
+        )
+
     # -- serving -------------------------------------------------------------------------
 
     async def start(self) -> str:
@@ -297,6 +325,39 @@ def serve(server: NodeServer, *, ready: Callable[[str], None] | None = None) -> 
         if ready is not None:
             ready(url)
         await server.serve_until_stopped()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+def dial(server: NodeServer, url: str, token: str, *, cafile: str | None = None,
+         ready: Callable[[str], None] | None = None) -> None:
+    """Run ``server`` as a dial-out node of the coordinator at ``url`` until SIGINT/SIGTERM.
+
+    ``ready(url)`` is called after every accepted handshake (the first one: the node is up).
+
+    Raises:
+        AuthenticationError: the coordinator refused the token or could not prove it.
+    """
+    tls = ssl.create_default_context(cafile=cafile) if cafile else None
+    dialer = server.dial_out(url, token, ssl=tls, on_connected=lambda _name, u: ready(u) if ready else None)
+
+    async def main() -> None:
+        server.install_signal_handlers()
+        running = asyncio.create_task(dialer.run())
+        stopped = asyncio.create_task(server._stopped.wait())
+        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await dialer.stop()
+        stopped.cancel()
+        try:
+            await running
+        finally:
+            for peer in list(server.worker.peers.values()):
+                peer.close()
 
     try:
         import uvloop

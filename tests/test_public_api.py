@@ -17,6 +17,7 @@ CORE_NAMES = {
     "FedwsConnectionError", "ConnectionLostError", "AuthenticationError", "FedwsTimeoutError",
     "WrongThreadError", "Federation", "connect", "connect_async",
     "Protocol", "PrivateGridNetwork", "create_sandbox",
+    "serve", "serve_async", "NodeListener",
 }
 
 

@@ -1,0 +1,199 @@
+"""NodeListener: a coordinator that nodes dial (nodes behind firewalls or NAT).
+
+``sy.serve(host, port, token=...)`` starts one; ``listener.wait_for_nodes(n, timeout)``
+returns the workers that dialed in. Each is a :class:`Worker` on an
+:class:`~fedws.transport.accept.AcceptedLink`: pointers, plans and FedAvg use it exactly as a
+worker from ``sy.connect(url)``. When a node's connection drops, its worker stays in the
+federation (pending calls fail with ConnectionLostError); the node redials with backoff and
+the same worker, under the same session key, carries on with the node's objects, if it came
+back within the node's session grace. Who proves what to whom is in
+:mod:`fedws.transport.dialer`.
+
+Node to node: a dial-out node cannot be reached at an address, and relaying its
+node-to-node traffic through the coordinator is not implemented: ``add_worker`` with a
+dial-out worker raises :class:`PointerError` (move data through the coordinator with
+``.get()`` / ``.send()``, or let one of the two nodes listen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+
+from ..exceptions import FedwsTimeoutError, PointerError
+from ..transport.accept import AcceptedLink, NodeAcceptor
+from ..transport.handshake import new_session_key
+from ..transport.io_thread import IOThread
+from ..transport.link import Endpoint
+from .federation import Federation
+from .worker import Worker
+
+__all__ = ["NodeListener", "DialedWorker"]
+
+
+class DialedWorker(Worker):
+    """A worker whose node dialed this coordinator (``address`` is ``dialout://ID``)."""
+
+    link: AcceptedLink
+
+    def add_worker(self, worker: Worker) -> Worker:
+        raise PointerError(
+            f"worker {self.id!r} dialed in to this coordinator and cannot reach other nodes: relaying "
+            "node-to-node traffic through the coordinator is not implemented; move data with "
+            ".get() and .send(), or let one of the nodes listen"
+        )
+
+    def reconnect(self) -> DialedWorker:
+        """Nothing to do here: the node redials by itself (kept for API parity)."""
+        return self
+
+
+class NodeListener:
+    """Accepts dial-out nodes into ``federation``; one IO thread carries every link.
+
+    Args:
+        federation: the federation the nodes' workers join.
+        host, port: where to listen (port 0 picks a free one, kept across :meth:`start`).
+        token: the token nodes present (``--token-file`` on the node).
+        tokens: node id -> that node's own token (overrides ``token`` for it).
+        name: the coordinator's name in its proof to the nodes.
+        certfile, keyfile: listen on ``wss://``.
+        timeout: default seconds a blocking call on the workers waits.
+    """
+
+    def __init__(
+        self,
+        federation: Federation[Worker],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+        tokens: Mapping[str, str] | None = None,
+        name: str = "coordinator",
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        timeout: float | None = 60.0,
+        max_frame_mb: float = 1024.0,
+    ) -> None:
+        self.federation = federation
+        self.timeout = timeout
+        self.max_frame_mb = max_frame_mb
+        self.io = IOThread.get()
+        self.acceptor = NodeAcceptor(
+            self._on_node, self._session_for, token=token, tokens=tokens, name=name, host=host, port=port,
+            certfile=certfile, keyfile=keyfile, max_frame_mb=max_frame_mb,
+        )
+        self.nodes: dict[str, DialedWorker] = {}
+        self._sessions: dict[str, str] = {}
+        self._changed: asyncio.Condition | None = None  # made on the IO loop
+
+    @property
+    def url(self) -> str | None:
+        """Where nodes dial (``ws://host:port``), once started."""
+        return self.acceptor.url
+
+    def _session_for(self, node_id: str) -> str:
+        key = self._sessions.get(node_id)
+        if key is None:
+            key = self._sessions[node_id] = new_session_key()
+        return key
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _on_node(self, node_id: str, session: str, ws: ServerConnection) -> None:
+        worker = self.nodes.get(node_id)
+        if worker is None:
+            max_mb = self.max_frame_mb
+
+            def link(endpoint: Endpoint) -> AcceptedLink:
+                return AcceptedLink(endpoint, node_id, max_frame_mb=max_mb)
+
+            worker = DialedWorker(self.federation, node_id, link=link, timeout=self.timeout)
+            self.nodes[node_id] = worker
+        elif self.federation.workers.get(node_id) is not worker:
+            self.federation.register(worker)
+        await worker.link.attach(ws, worker.session.reset)
+        changed = self._condition()
+        async with changed:
+            changed.notify_all()
+        await ws.wait_closed()
+        async with changed:
+            changed.notify_all()
+
+    def connected(self) -> list[DialedWorker]:
+        """The workers whose node is connected now, by id."""
+        return [w for _, w in sorted(self.nodes.items()) if w.connected]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def _start(self) -> str:
+        return await self.acceptor.start()
+
+    def start(self) -> NodeListener:
+        """Listen (again, on the same port after :meth:`close`); nodes redial on their own."""
+        self.io.run(self._start(), 30.0, "start listening for nodes")
+        return self
+
+    async def start_async(self) -> NodeListener:
+        await asyncio.wrap_future(self.io.submit(self._start()))
+        return self
+
+    def close(self) -> None:
+        """Stop listening and close every node's connection (their workers stay)."""
+        self.io.run(self.acceptor.aclose(), 30.0, "close the node listener")
+
+    async def aclose(self) -> None:
+        await asyncio.wrap_future(self.io.submit(self.acceptor.aclose()))
+
+    def __enter__(self) -> NodeListener:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> NodeListener:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # -- waiting for nodes ---------------------------------------------------------------
+
+    async def _wait(self, n: int, timeout: float | None) -> list[DialedWorker]:
+        changed = self._condition()
+
+        async def enough() -> None:
+            async with changed:
+                await changed.wait_for(lambda: len(self.connected()) >= n)
+
+        try:
+            await asyncio.wait_for(enough(), timeout)
+        except TimeoutError:
+            raise FedwsTimeoutError(
+                f"{len(self.connected())} of {n} nodes dialed in to {self.url} within {timeout} s"
+            ) from None
+        return self.connected()
+
+    def wait_for_nodes(self, n: int, timeout: float | None = None) -> list[DialedWorker]:
+        """Block until ``n`` nodes are connected; returns the connected workers (by id).
+
+        Works in Jupyter: the wait runs on the fedws IO thread, not the caller's loop.
+
+        Raises:
+            FedwsTimeoutError: fewer than ``n`` nodes connected within ``timeout`` seconds.
+        """
+        return self.io.run(self._wait(n, timeout), None, f"wait for {n} nodes")
+
+    async def wait_for_nodes_async(self, n: int, timeout: float | None = None) -> list[DialedWorker]:
+        """``await listener.wait_for_nodes_async(n, timeout)``: :meth:`wait_for_nodes` for async code."""
+        return await asyncio.wrap_future(self.io.submit(self._wait(n, timeout)))
+
+    def __repr__(self) -> str:
+        return f"<NodeListener {self.url} nodes={[w.id for w in self.connected()]}>"
+
