@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -80,7 +81,7 @@ def ensure_data(non_iid: bool, seed: int) -> list[Path]:
 
 @contextlib.contextmanager
 def network_federation(
-    configs: list[Path], trusted: bool, approved: str
+    configs: list[Path], trusted: bool, approved: str, dial_out: bool = False
 ) -> Iterator[tuple[list[sy.Worker], sy.Worker | None]]:
     """Private node processes from the configs (stopped on exit), and connected handles to them.
 
@@ -93,11 +94,25 @@ def network_federation(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with contextlib.ExitStack() as stack:
         nodes = []
+        listener, dial = None, []
+        if dial_out:  # nodes behind firewalls: this coordinator listens and the nodes dial it
+            if trusted:
+                raise SystemExit("federated_demo: --trusted needs nodes that reach each other; dial-out nodes "
+                                 "cannot (no relay through the coordinator yet)")
+            token_file = WORKERS / "run" / "dialout.token"
+            token_file.parent.mkdir(parents=True, exist_ok=True)
+            token_file.write_text(secrets.token_hex(16))
+            token_file.chmod(0o600)
+            listener = sy.serve("127.0.0.1", 0, token=token_file.read_text())
+            stack.callback(listener.close)
+            dial = ["--token-file", str(token_file)]
+            print(f"  coordinator listening on {listener.url}; nodes dial out to it")
         for config in configs:
             # The operator's part: approve the one plan FedAvg runs, keep an audit log.
             audit = WORKERS / "run" / f"audit-{config.stem}.jsonl"
             try:
-                n = start_node(config, extra_args=["--approve-plan", approved, "--audit-log", str(audit)])
+                n = start_node(config, extra_args=["--approve-plan", approved, "--audit-log", str(audit), *dial],
+                               connect=listener.url if listener is not None else None)
             except RuntimeError as exc:
                 last = [line for line in str(exc).splitlines() if line.strip()][-1]
                 raise SystemExit(f"federated_demo: cannot start {config.stem}: {last.strip()} — to train on "
@@ -106,7 +121,10 @@ def network_federation(
             nodes.append(n)
         for n in nodes:
             print(f"  node {n.id:<8} pid {n.pid:<7} {n.url}")
-        workers = [stack.enter_context(sy.connect(n.url)) for n in nodes]
+        if listener is not None:
+            workers: list[sy.Worker] = list(listener.wait_for_nodes(len(nodes), timeout=60))
+        else:
+            workers = [stack.enter_context(sy.connect(n.url)) for n in nodes]
         aggregator = None
         if trusted:
             # its config lists the nodes it may link to: a node connects nowhere else
@@ -217,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--non-iid", action="store_true", help="shard with skewed label sets per node")
     parser.add_argument("--trusted", action="store_true", help="average on a trusted aggregator node")
     parser.add_argument("--virtual", action="store_true", help="in-process VirtualWorkers instead of node processes")
+    parser.add_argument("--dial-out", action="store_true",
+                        help="the node processes dial out to this coordinator (fedws worker --connect), as nodes "
+                        "behind firewalls do, instead of listening")
     parser.add_argument("--nodes", metavar="URL,URL,...",
                         help="train on these running nodes (their data tagged #digits #train) instead of starting any")
     parser.add_argument("--token-file", type=Path, help="file holding the nodes' token (default: $FEDWS_TOKEN)")
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"private nodes; approved plan: train_step sha256 {approved[:16]}...")
 
         def federation(configs: list[Path], trusted: bool) -> contextlib.AbstractContextManager[Any]:
-            return network_federation(configs, trusted, approved)
+            return network_federation(configs, trusted, approved, args.dial_out)
     else:
         federation = virtual_federation
     shards = "non-IID" if args.non_iid else "IID"

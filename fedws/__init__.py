@@ -46,11 +46,10 @@ if TYPE_CHECKING:
     from . import fl as fl
     from . import optim as optim
     from .client.federation import Federation
+    from .client.listener import NodeListener
     from .client.websocket_worker import WebsocketClientWorker
     from .client.worker import Worker
-    from .connecting import connect, connect_async
-    from .connecting import serve, serve_async
-    from .client.listener import NodeListener
+    from .connecting import connect, connect_async, serve, serve_async
     from .datasets import BaseDataset, FederatedDataLoader, FederatedDataset
     from .fl.train_config import TrainConfig
     from .grid import PrivateGridNetwork

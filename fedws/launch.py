@@ -91,7 +91,7 @@ def start_node(
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if " listening on " in line or " connected to " in line:
+            if " listening on " in line or (line.startswith("fedws worker ") and " connected to " in line):
                 found.append(line.strip())
                 done.set()
                 break

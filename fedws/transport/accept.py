@@ -24,7 +24,14 @@ from websockets.http11 import Request, Response
 from ..exceptions import FedwsConnectionError
 from .dialer import COORDINATOR_HEADER
 from .guard import FailureLimiter
-from .handshake import CHALLENGE_HEADER, NODE_ID_HEADER, PROOF_HEADER, SESSION_HEADER, peer_proof, token_matches
+from .handshake import (
+    CHALLENGE_HEADER,
+    NODE_ID_HEADER,
+    PROOF_HEADER,
+    SESSION_HEADER,
+    peer_proof,
+    token_matches,
+)
 from .link import Endpoint
 from .websocket import WebsocketLink
 

@@ -284,7 +284,7 @@ class DialOut:
     async def _serve(self, ws: ClientConnection, name: str, key: str) -> None:
         self._ws = ws
         handle, inline = self.open_session(self.principal, key, self.url)
-        log.info("node %s: connected to coordinator %s at %s", self.node_id, name, self.url,
+        log.info("node %s: dialed coordinator %s at %s", self.node_id, name, self.url,
                  extra={"event": "dial", "principal": self.principal})
         if self.on_connected is not None:
             self.on_connected(name, self.url)

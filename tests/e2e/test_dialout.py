@@ -76,9 +76,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sy.No
 
 
 def test_pointers_a_plan_and_fedavg_work_on_dial_out_nodes(federation: tuple[sy.NodeListener, list[NodeProcess]]) -> None:
-    listener, _ = federation
+    listener, nodes = federation
     alice, bob = listener.wait_for_nodes(2, timeout=30)
-    assert (alice.id, bob.id) == ("alice", "bob")
+    assert (alice.id, bob.id) == ("alice", "bob") == tuple(n.id for n in nodes)
     assert alice.address == "dialout://alice"
     x = torch.tensor([1.0, 2.0, 3.0]).send(alice)
     assert torch.equal((x * 2 + 1).get(), torch.tensor([3.0, 5.0, 7.0]))
