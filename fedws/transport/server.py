@@ -42,6 +42,7 @@ from .handshake import (
     session_key,
 )
 from .link import FrameHandler
+from .memory import tune_malloc
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
 
@@ -281,6 +282,7 @@ class FrameServer:
         Raises:
             OSError: the address cannot be bound.
         """
+        tune_malloc()  # large frames: see fedws.transport.memory
         ssl_ctx = None
         if self.certfile:
             ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
