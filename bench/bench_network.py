@@ -52,12 +52,15 @@ def time_row(label: str, ours: float, base: float) -> None:
 
 
 def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
-    """Rows 3 and 4: large tensors to one node and back, a model state to 3 nodes and back."""
-    ours: dict[int, float] = {}
+    """Rows 3 and 4: large tensors to one node and back, a model state to 3 nodes and back.
+
+    Each fedws figure is followed at once by its rpc baseline, so the two see the same load.
+    """
     nodes = [start_node(id=f"bulk{i}", port=0, extra_args=["--threads", "1"]) for i in range(3)]
     try:
         hook = sy.TorchHook(torch)
         ws = [sy.connect(n.url, hook=hook, timeout=300) for n in nodes]
+        print(f"3. send + get of one float32 tensor (median of {reps}; vs rpc_sync of the same tensor)", flush=True)
         for mib in sizes:
             big = torch.randn((mib << 20) // 4)
             big.send(ws[0]).get()  # warm-up: connection buffers, allocator
@@ -67,8 +70,8 @@ def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
                 back = big.send(ws[0]).get()
                 times.append(time.perf_counter() - t)
             assert torch.equal(back, big)
-            ours[mib] = statistics.median(times)
             del big, back
+            time_row(f"{mib} MiB", statistics.median(times), baselines.rpc_measure("transfer", reps, mib << 20))
         state = baselines._model_state(model_bytes)
 
         async def gather_all(ptrs: list[Any]) -> list[Any]:
@@ -85,18 +88,18 @@ def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
             backs = model_round()
             times.append(time.perf_counter() - t)
         assert all(torch.equal(a, b) for a, b in zip(backs, list(state.values()) * 3, strict=True))
-        ours_model = statistics.median(times)
-        del state, backs
+        backs = []
+        print(
+            f"4. {model_bytes / 1e6:.0f} MB model state (4 tensors) to 3 nodes and back "
+            f"(median of {reps}; vs rpc_async to 3 peers)",
+            flush=True,
+        )
+        time_row("3 nodes", statistics.median(times), baselines.rpc_measure("model", reps, model_bytes, world=4))
         for w in ws:
             w.close()
     finally:
         for n in nodes:
             n.stop()
-    print(f"3. send + get of one float32 tensor (median of {reps}; vs rpc_sync of the same tensor)")
-    for mib in sizes:
-        time_row(f"{mib} MiB", ours[mib], baselines.rpc_measure("transfer", reps, mib << 20))
-    print(f"4. {model_bytes / 1e6:.0f} MB model state (4 tensors) to 3 nodes and back (median of {reps}; vs rpc_async to 3 peers)")
-    time_row("3 nodes", ours_model, baselines.rpc_measure("model", reps, model_bytes, world=4))
 
 
 def main() -> None:
