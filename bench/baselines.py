@@ -124,16 +124,21 @@ def _identity_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _rpc_peer(rank: int, port: int, result: Any, mode: str, n: int, nbytes: int, world: int = 2) -> None:
+def _rpc_peer(
+    rank: int, port: int, result: Any, mode: str, n: int, nbytes: int, world: int = 2, cpu: Any = None
+) -> None:
     import torch.distributed.rpc as rpc
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     opts = rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, _transports=["uv"], _channels=["basic"])
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=world, rpc_backend_options=opts)
+    x = torch.randn(nbytes // 4) if rank == 0 and mode == "transfer" else None
+    state = _model_state(nbytes) if rank == 0 and mode == "model" else None
+    cpu0 = time.process_time()
     if rank == 0 and mode == "model":
         # the state to every other peer at once and back (identity), like one FL round's traffic
-        state = _model_state(nbytes)
+        assert state is not None
         times = []
         for _ in range(n):
             t = time.perf_counter()
@@ -160,26 +165,32 @@ def _rpc_peer(rank: int, port: int, result: Any, mode: str, n: int, nbytes: int,
             torch.futures.wait_all(futs)
             result.value = n / (time.perf_counter() - t)
         elif mode == "transfer":
-            x = torch.randn(nbytes // 4)
+            assert x is not None
             times = []
             for _ in range(n):
                 t = time.perf_counter()
                 rpc.rpc_sync("w1", _identity, args=(x,))
                 times.append(time.perf_counter() - t)
             result.value = statistics.median(times)
-    rpc.shutdown()
+    if rank == 0 and cpu is not None:
+        cpu[0] = time.process_time() - cpu0
+    rpc.shutdown()  # a barrier: every peer's share of the work is done
+    if rank and cpu is not None:
+        cpu[rank] = time.process_time() - cpu0
 
 
-def rpc_measure(mode: str, n: int, nbytes: int = 0, world: int = 2) -> float:
+def rpc_measure(mode: str, n: int, nbytes: int = 0, world: int = 2, cpu_out: list[float] | None = None) -> float:
     """Run a torch.distributed.rpc measurement between ``world`` child processes.
 
-    ``transfer`` and ``model`` give the median seconds of ``n`` runs.
+    ``transfer`` and ``model`` give the median seconds of ``n`` runs; ``cpu_out`` gets the
+    CPU seconds all peers spent over those runs (includes the shutdown barrier).
     """
     ctx = mp.get_context("spawn")
     port = free_port()
     result = ctx.Value("d", float("nan"))
+    cpu = ctx.Array("d", [0.0] * world)
     procs = [
-        ctx.Process(target=_rpc_peer, args=(r, port, result, mode, n, nbytes, world)) for r in range(world)
+        ctx.Process(target=_rpc_peer, args=(r, port, result, mode, n, nbytes, world, cpu)) for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -187,4 +198,6 @@ def rpc_measure(mode: str, n: int, nbytes: int = 0, world: int = 2) -> float:
         p.join(300)
         if p.is_alive():
             p.kill()
+    if cpu_out is not None:
+        cpu_out.append(sum(cpu))
     return float(result.value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -45,10 +46,22 @@ MODEL_BYTES = 100_000_000
 GOAL = 0.8  # fedws's time as a fraction of rpc's
 
 
-def time_row(label: str, ours: float, base: float) -> None:
+def time_row(label: str, ours: float, base: float, cpu: tuple[float, float] | None = None) -> None:
     ratio = ours / base if base else float("nan")
     verdict = "met" if ratio <= GOAL else "NOT met"
-    print(f"  {label:<30} fedws {ours * 1e3:9.1f} ms   torch rpc {base * 1e3:9.1f} ms   ratio {ratio:5.2f}  (goal <= {GOAL}: {verdict})")
+    line = f"  {label:<10} fedws {ours * 1e3:8.1f} ms   torch rpc {base * 1e3:8.1f} ms   ratio {ratio:5.2f} (goal <= {GOAL}: {verdict})"
+    if cpu is not None:  # CPU of every process involved: steadier than wall time on a busy machine
+        line += f"   CPU/run fedws {cpu[0] * 1e3:7.1f} ms, rpc {cpu[1] * 1e3:7.1f} ms, ratio {cpu[0] / cpu[1]:4.2f}"
+    print(line, flush=True)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # not Linux: no CPU column
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
@@ -65,13 +78,17 @@ def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
             big = torch.randn((mib << 20) // 4)
             big.send(ws[0]).get()  # warm-up: connection buffers, allocator
             times = []
+            cpu0 = cpu_s(os.getpid()) + cpu_s(nodes[0].pid)
             for _ in range(reps):
                 t = time.perf_counter()
                 back = big.send(ws[0]).get()
                 times.append(time.perf_counter() - t)
+            ours_cpu = (cpu_s(os.getpid()) + cpu_s(nodes[0].pid) - cpu0) / reps
             assert torch.equal(back, big)
             del big, back
-            time_row(f"{mib} MiB", statistics.median(times), baselines.rpc_measure("transfer", reps, mib << 20))
+            rpc_cpu: list[float] = []
+            rpc_t = baselines.rpc_measure("transfer", reps, mib << 20, cpu_out=rpc_cpu)
+            time_row(f"{mib} MiB", statistics.median(times), rpc_t, (ours_cpu, rpc_cpu[0] / reps))
         state = baselines._model_state(model_bytes)
 
         async def gather_all(ptrs: list[Any]) -> list[Any]:
@@ -83,10 +100,13 @@ def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
 
         model_round()
         times = []
+        pids = [os.getpid(), *(n.pid for n in nodes)]
+        cpu0 = sum(cpu_s(p) for p in pids)
         for _ in range(reps):
             t = time.perf_counter()
             backs = model_round()
             times.append(time.perf_counter() - t)
+        ours_cpu = (sum(cpu_s(p) for p in pids) - cpu0) / reps
         assert all(torch.equal(a, b) for a, b in zip(backs, list(state.values()) * 3, strict=True))
         backs = []
         print(
@@ -94,7 +114,9 @@ def bulk(sizes: tuple[int, ...], reps: int, model_bytes: int) -> None:
             f"(median of {reps}; vs rpc_async to 3 peers)",
             flush=True,
         )
-        time_row("3 nodes", statistics.median(times), baselines.rpc_measure("model", reps, model_bytes, world=4))
+        rpc_cpu = []
+        rpc_t = baselines.rpc_measure("model", reps, model_bytes, world=4, cpu_out=rpc_cpu)
+        time_row("3 nodes", statistics.median(times), rpc_t, (ours_cpu, rpc_cpu[0] / reps))
         for w in ws:
             w.close()
     finally:

@@ -16,8 +16,8 @@ a new mapping faults: 35-50 ms per 64 MiB here, against 6 ms to fill memory alre
 mapped). Frames of :data:`MAPPED_MIN_BYTES` and more therefore come from a small pool of
 anonymous mappings, and a mapping is handed out again only once nothing refers to it any
 more (no tensor, view or memoryview of the last frame in it is alive). The pool holds at
-most ``FEDWS_FRAME_POOL_MB`` MiB (default 512, so a 256 MiB tensor and its reply fit; 0: no pool) of mappings; beyond that a frame
-gets a mapping of its own, freed with its last tensor. A reused buffer still holds the
+most ``FEDWS_FRAME_POOL_MB`` MiB of mappings (default 512, so a 256 MiB tensor's frames
+fit; 0: no pool); beyond that a frame gets a mapping of its own, freed with its last tensor. A reused buffer still holds the
 last frame's bytes, but the caller overwrites every byte it is given before anyone reads it.
 """
 
