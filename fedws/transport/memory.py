@@ -45,7 +45,7 @@ MMAP_THRESHOLD = 32 << 20
 """Allocations below this come from the heap (glibc's largest allowed value on 64-bit)."""
 TRIM_THRESHOLD = 128 << 20
 """Free memory the heap keeps at its top instead of returning it to the kernel."""
-MAPPED_MIN_BYTES = 4 << 20
+MAPPED_MIN_BYTES = 1 << 20
 """Frames at least this large are assembled in an anonymous mapping (smaller: a bytearray)."""
 
 _lock = threading.Lock()
