@@ -105,7 +105,9 @@ class FramePool:
         with self._lock:
             maps = self._maps
             for i in range(len(maps)):
-                if size <= len(maps[i]) <= 2 * capacity and _idle(maps, i):
+                # Exactly this capacity: a tensor kept as a view pins its whole mapping, and
+                # the node's memory budget counts the frame's bytes, not a larger mapping's.
+                if len(maps[i]) == capacity and _idle(maps, i):
                     return memoryview(maps[i])[:size]
             if capacity <= self.budget:
                 pooled = sum(len(m) for m in maps)

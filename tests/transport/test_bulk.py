@@ -89,6 +89,12 @@ def test_pool_gives_exact_sizes_and_never_exceeds_its_budget() -> None:
     del first, over
     assert len(pool.take((7 << 20) + 3)) == (7 << 20) + 3  # the idle 6 MiB one makes room
     assert pool.pooled_bytes <= 8 << 20
+    sized = FramePool(64 << 20)
+    x = sized.take(5 << 20)
+    x_addr = _address(x)
+    del x
+    y = sized.take(3 << 20)  # a smaller frame never pins a larger mapping (the memory budget
+    assert _address(y) != x_addr and len(y) == 3 << 20  # counts frame bytes, not mappings)
     none = FramePool(0)
     none.take(5 << 20)
     assert none.pooled_bytes == 0
