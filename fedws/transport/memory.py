@@ -16,8 +16,7 @@ a new mapping faults: 35-50 ms per 64 MiB here, against 6 ms to fill memory alre
 mapped). Frames of :data:`MAPPED_MIN_BYTES` and more therefore come from a small pool of
 anonymous mappings, and a mapping is handed out again only once nothing refers to it any
 more (no tensor, view or memoryview of the last frame in it is alive). The pool holds at
-most ``FEDWS_FRAME_POOL_MB`` MiB of mappings (default 512, so a 256 MiB tensor's frames
-fit; 0: no pool); beyond that a frame gets a mapping of its own, freed with its last tensor. A reused buffer still holds the
+most ``FEDWS_FRAME_POOL_MB`` MiB of mappings (default 0, off: with it on, tests/e2e/test_memory_attacks.py::test_the_store_cap_counts_non_tensor_values_plans_and_frames_kept_alive wedges a memory-limited node; opt in with e.g. 256); beyond that a frame gets a mapping of its own, freed with its last tensor. A reused buffer still holds the
 last frame's bytes, but the caller overwrites every byte it is given before anyone reads it.
 """
 
@@ -99,6 +98,17 @@ class FramePool:
     def pooled_bytes(self) -> int:
         return sum(len(m) for m in self._maps)
 
+    def release_idle(self) -> None:
+        """Unmap every mapping nothing refers to (memory is short)."""
+        with self._lock:
+            maps = self._maps
+            i = 0
+            while i < len(maps):
+                if _idle(maps, i):
+                    maps.pop(i)
+                else:
+                    i += 1
+
     def take(self, size: int) -> memoryview:
         """A writable view of exactly ``size`` bytes (contents undefined)."""
         capacity = -(-size // _GRAIN) * _GRAIN
@@ -129,7 +139,7 @@ def _idle(maps: list[mmap.mmap], i: int) -> bool:
 
 
 _GRAIN = 1 << 20
-_pool = FramePool(max(0, int(float(os.environ.get("FEDWS_FRAME_POOL_MB", "512")) * 2**20)))
+_pool = FramePool(max(0, int(float(os.environ.get("FEDWS_FRAME_POOL_MB", "0")) * 2**20)))
 
 
 def frame_buffer(size: int) -> bytearray | memoryview:
@@ -140,4 +150,11 @@ def frame_buffer(size: int) -> bytearray | memoryview:
     """
     if size < MAPPED_MIN_BYTES:
         return bytearray(size)
-    return _pool.take(size)
+    try:
+        return _pool.take(size)
+    except (OSError, MemoryError):  # address space or memory limit: give idle mappings back
+        _pool.release_idle()
+        try:
+            return memoryview(mmap.mmap(-1, size))
+        except OSError as exc:
+            raise MemoryError(f"cannot map a {size}-byte frame: {exc}") from None
