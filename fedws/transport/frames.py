@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..protocol.codec import VIEW_MIN_BYTES
+from .memory import frame_buffer
 
 __all__ = ["fragments", "receive", "FRAGMENT"]
 
@@ -46,11 +47,12 @@ def fragments(chunks: list[bytes | memoryview]) -> bytes | list[bytes | memoryvi
     return out
 
 
-async def receive(ws: Any) -> bytes | bytearray | str:
+async def receive(ws: Any) -> bytes | bytearray | memoryview | str:
     """One whole message from ``ws``; raises ``ConnectionClosed`` when the link ends.
 
-    Fragments of a large message are assembled into one writable ``bytearray`` (a single
-    copy), so the codec can hand out its tensors as views instead of copying them again.
+    Fragments of a large message are assembled into one writable buffer of its own (a
+    single copy, into memory nobody zero-filled first: :func:`.memory.frame_buffer`), so
+    the codec can hand out its tensors as views instead of copying them again.
     """
     parts: list[Any] = []
     size = 0
@@ -64,7 +66,7 @@ async def receive(ws: Any) -> bytes | bytearray | str:
     if len(parts) == 1 and size < VIEW_MIN_BYTES:
         small: bytes = parts[0]  # small: the codec copies small tensors anyway
         return small
-    buf = bytearray(size)
+    buf = frame_buffer(size)
     pos = 0
     for part in parts:
         end = pos + len(part)

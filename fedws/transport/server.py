@@ -42,6 +42,7 @@ from .handshake import (
     session_key,
 )
 from .link import FrameHandler
+from .memory import tune_malloc
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
 
@@ -233,6 +234,7 @@ class FrameServer:
                     inline is not None
                     and may_inline is not None
                     and not in_thread
+                    and isinstance(message, (bytes, bytearray))  # large frames are pool views
                     and len(message) <= INLINE_MAX_BYTES
                     and may_inline(message)
                 ):
@@ -244,6 +246,9 @@ class FrameServer:
                 in_thread += 1
                 job = loop.run_in_executor(executor, handle, message)
                 job.add_done_callback(done)
+                # Let go of the frame before waiting for the next one: its buffer goes back
+                # to the frame pool once the objects decoded from it are gone.
+                message = b""
                 await replies.put(job)
         except ConnectionClosed:
             pass
@@ -272,6 +277,7 @@ class FrameServer:
                 await ws.send(fragments(reply))
             except ConnectionClosed:
                 closed = True
+            pending = reply = None  # a sent reply may hold a frame buffer: let it go
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -281,6 +287,7 @@ class FrameServer:
         Raises:
             OSError: the address cannot be bound.
         """
+        tune_malloc()  # large frames: see fedws.transport.memory
         ssl_ctx = None
         if self.certfile:
             ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -249,6 +249,7 @@ class WebsocketLink:
                 if isinstance(message, str):
                     continue
                 self.endpoint.receive(message)
+                message = b""  # not held while waiting: the buffer may go back to the frame pool
         except ConnectionClosed:
             pass
         except Exception as exc:  # the endpoint could not take a reply at all: the link is unusable
