@@ -32,6 +32,7 @@ from .frames import fragments, receive
 from .guard import FailureLimiter, PendingHandshakes
 from .handshake import (
     CHALLENGE_HEADER,
+    MAX_FRAME_HEADER,
     NODE_ID_HEADER,
     PEER_HEADER,
     PROOF_HEADER,
@@ -186,6 +187,7 @@ class FrameServer:
 
     def _add_id_header(self, connection: ServerConnection, request: Request, response: Response) -> Response:
         response.headers[NODE_ID_HEADER] = self.node_id
+        response.headers[MAX_FRAME_HEADER] = str(int(self.max_frame_mb * 2**20))
         self._add_peer_proof(request, response)
         return response
 

@@ -34,9 +34,10 @@ from ..exceptions import (
     FedwsConnectionError,
     WrongThreadError,
 )
-from .frames import fragments, receive
+from .frames import fragments, receive, stream_sizes
 from .handshake import (
     CHALLENGE_HEADER,
+    MAX_FRAME_HEADER,
     NODE_ID_HEADER,
     PEER_HEADER,
     PROOF_HEADER,
@@ -111,6 +112,7 @@ class WebsocketLink:
         self.connect_timeout = connect_timeout
         self._ssl = ssl
         self._max_size = int(max_frame_mb * 2**20)
+        self.stream_above, self.chunk_bytes = stream_sizes(self._max_size, None)
         self._ping_interval = ping_interval
         self._peer_name = peer_name
         self._peer_secret = peer_secret
@@ -209,6 +211,9 @@ class WebsocketLink:
                 raise FedwsConnectionError(
                     f"the node at {self._address} could not prove it is {node_id!r} (no or wrong peer proof)"
                 )
+        self.stream_above, self.chunk_bytes = stream_sizes(
+            self._max_size, ws.response.headers.get(MAX_FRAME_HEADER) if ws.response else None
+        )
         self.node_id = self.name = node_id
         self._ws = ws
         self._closing = False
