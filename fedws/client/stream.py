@@ -11,7 +11,7 @@ the store under ``obj_id``). See :mod:`fedws.node.streams` for the node's side.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -19,15 +19,13 @@ from ..protocol.codec import DTYPE_NAMES
 from ..protocol.messages import Kind
 from ..transport.frames import CHUNK_BYTES
 
-if TYPE_CHECKING:
-    from .worker import Worker
-
 __all__ = ["store_chunked", "CHUNK_BYTES"]
 
 
 
-def store_chunked(worker: Worker, tensor: torch.Tensor, *, obj_id: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Store ``tensor`` on ``worker`` under ``obj_id`` in chunks; returns the commit's seq.
+def store_chunked(worker: Any, tensor: torch.Tensor, *, obj_id: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Store ``tensor`` on ``worker`` (a :class:`~fedws.client.worker.Worker`) under ``obj_id``
+    in chunks; returns the commit's seq.
 
     If the transfer fails midway (budget, connection, a refused chunk) nothing is stored:
     using ``obj_id`` raises the reason.
@@ -46,5 +44,6 @@ def store_chunked(worker: Worker, tensor: torch.Tensor, *, obj_id: int, chunk_by
         # queued (a small chunk would otherwise be copied and batched with the next ones).
         worker.submit(Kind.CMD, "fedws.stream.put", [obj_id, offset, flat[offset : offset + chunk_bytes]], {}, [])
         worker.link.flush_and_wait(worker.timeout)
+    seq: int
     seq, _ = worker.submit(Kind.CMD, "fedws.stream.commit", [obj_id, bool(tensor.requires_grad)], {}, [obj_id])
     return seq

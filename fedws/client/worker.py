@@ -26,8 +26,8 @@ from ..transport.io_thread import wait
 from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
 from .session import Session
-from .stream import store_chunked
 from .status import NodeStatus
+from .stream import store_chunked
 
 __all__ = [
     "Worker",
@@ -262,7 +262,7 @@ class Worker:
         above = getattr(self.link, "stream_above", None)
         if above is not None and isinstance(obj, torch.Tensor) and not tags and description is None:
             if obj.numel() * obj.element_size() > above:
-                return store_chunked(self, obj, obj_id=obj_id, chunk_bytes=getattr(self.link, "chunk_bytes"))
+                return store_chunked(self, obj, obj_id=obj_id, chunk_bytes=getattr(self.link, "chunk_bytes", 1 << 20))
         seq, _ = self.submit(Kind.STORE, obj_id, obj, sorted(set(tags)), description)
         return seq
 

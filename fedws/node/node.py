@@ -88,9 +88,9 @@ from .policy import (
 )
 from .random_shares import node_ops as smpc_ops
 from .secagg import node_ops as secagg_ops
-from .streams import stream_ops
 from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore
+from .streams import stream_ops
 
 __all__ = ["Node"]
 

@@ -27,16 +27,14 @@ in hand, so at most a few chunks are in memory on either side besides the destin
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import torch
 
 from ..exceptions import DecodeError, LimitExceededError
 from ..protocol.codec import DECODABLE_DTYPES, MAX_NDIM
-
-if TYPE_CHECKING:
-    from .node import Node
 
 __all__ = ["Streams", "MAX_OPEN", "stream_ops"]
 
@@ -55,7 +53,7 @@ class _Open:
 class Streams:
     """The streams open on one node, per caller (``None`` for an in-process coordinator)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Any) -> None:  # a fedws.node.Node (not imported: no cycle)
         self.node = node
         self._open: dict[tuple[Any, int], _Open] = {}
         # Why a stream failed, for its commit to say (bounded: oldest forgotten first).
@@ -178,7 +176,7 @@ class Streams:
         return len(keys)
 
 
-def stream_ops(node: Node) -> tuple[Streams, dict[str, Callable[..., Any]]]:
+def stream_ops(node: Any) -> tuple[Streams, dict[str, Callable[..., Any]]]:
     """The node's :class:`Streams` and its named commands."""
     streams = Streams(node)
     return streams, {

@@ -29,6 +29,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..exceptions import DecodeError
+from .compress import available as compress_available
+from .compress import deflate, inflate, is_compressed
 from .frames import fragments, receive
 from .guard import FailureLimiter, PendingHandshakes
 from .handshake import (
@@ -45,8 +47,6 @@ from .handshake import (
     session_key,
 )
 from .link import FrameHandler
-from .compress import available as compress_available
-from .compress import deflate, inflate, is_compressed
 from .memory import tune_malloc
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
