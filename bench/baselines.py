@@ -83,20 +83,20 @@ def echo_roundtrip_us(url: str, size: int, n: int) -> float:
 
 
 def echo_transfer_s(url: str, nbytes: int, repeat: int) -> float:
-    """Best seconds to send ``nbytes`` and receive them back (1 MiB fragments)."""
+    """Median seconds to send ``nbytes`` and receive them back (1 MiB fragments)."""
     from websockets.asyncio.client import connect
 
     async def run() -> float:
         buf = memoryview(bytearray(os.urandom(1 << 20)) * (nbytes >> 20))
         frags = [buf[i : i + (1 << 20)] for i in range(0, nbytes, 1 << 20)]
-        best = float("inf")
+        times = []
         async with connect(url, compression=None, max_size=None) as ws:
             for _ in range(repeat):
                 t = time.perf_counter()
                 await ws.send(frags)
                 await ws.recv()
-                best = min(best, time.perf_counter() - t)
-        return best
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
 
     import uvloop
 
@@ -114,14 +114,39 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _rpc_peer(rank: int, port: int, result: Any, mode: str, n: int, nbytes: int) -> None:
+def _model_state(nbytes: int) -> dict[str, torch.Tensor]:
+    """A model state of ``nbytes`` float32 bytes in 4 equal tensors (like 4 big layers)."""
+    per = nbytes // 4 // 4
+    return {f"layer{i}.weight": torch.randn(per) for i in range(4)}
+
+
+def _identity_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return state
+
+
+def _rpc_peer(
+    rank: int, port: int, result: Any, mode: str, n: int, nbytes: int, world: int = 2, cpu: Any = None
+) -> None:
     import torch.distributed.rpc as rpc
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     opts = rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, _transports=["uv"], _channels=["basic"])
-    rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
-    if rank == 0:
+    rpc.init_rpc(f"w{rank}", rank=rank, world_size=world, rpc_backend_options=opts)
+    x = torch.randn(nbytes // 4) if rank == 0 and mode == "transfer" else None
+    state = _model_state(nbytes) if rank == 0 and mode == "model" else None
+    cpu0 = time.process_time()
+    if rank == 0 and mode == "model":
+        # the state to every other peer at once and back (identity), like one FL round's traffic
+        assert state is not None
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            futs = [rpc.rpc_async(f"w{r}", _identity_state, args=(state,)) for r in range(1, world)]
+            torch.futures.wait_all(futs)
+            times.append(time.perf_counter() - t)
+        result.value = statistics.median(times)
+    elif rank == 0:
         if mode == "roundtrip":
             x = torch.ones(1)
             times = []
@@ -140,26 +165,39 @@ def _rpc_peer(rank: int, port: int, result: Any, mode: str, n: int, nbytes: int)
             torch.futures.wait_all(futs)
             result.value = n / (time.perf_counter() - t)
         elif mode == "transfer":
-            x = torch.zeros(nbytes // 4)
-            best = float("inf")
+            assert x is not None
+            times = []
             for _ in range(n):
                 t = time.perf_counter()
                 rpc.rpc_sync("w1", _identity, args=(x,))
-                best = min(best, time.perf_counter() - t)
-            result.value = best
-    rpc.shutdown()
+                times.append(time.perf_counter() - t)
+            result.value = statistics.median(times)
+    if rank == 0 and cpu is not None:
+        cpu[0] = time.process_time() - cpu0
+    rpc.shutdown()  # a barrier: every peer's share of the work is done
+    if rank and cpu is not None:
+        cpu[rank] = time.process_time() - cpu0
 
 
-def rpc_measure(mode: str, n: int, nbytes: int = 0) -> float:
-    """Run a torch.distributed.rpc measurement between two child processes."""
+def rpc_measure(mode: str, n: int, nbytes: int = 0, world: int = 2, cpu_out: list[float] | None = None) -> float:
+    """Run a torch.distributed.rpc measurement between ``world`` child processes.
+
+    ``transfer`` and ``model`` give the median seconds of ``n`` runs; ``cpu_out`` gets the
+    CPU seconds all peers spent over those runs (includes the shutdown barrier).
+    """
     ctx = mp.get_context("spawn")
     port = free_port()
     result = ctx.Value("d", float("nan"))
-    procs = [ctx.Process(target=_rpc_peer, args=(r, port, result, mode, n, nbytes)) for r in (0, 1)]
+    cpu = ctx.Array("d", [0.0] * world)
+    procs = [
+        ctx.Process(target=_rpc_peer, args=(r, port, result, mode, n, nbytes, world, cpu)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
         p.join(300)
         if p.is_alive():
             p.kill()
+    if cpu_out is not None:
+        cpu_out.append(sum(cpu))
     return float(result.value)

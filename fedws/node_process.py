@@ -168,6 +168,7 @@ class NodeServer:
             return
         self._connections.pop(key, None)
         caller = self.worker.node.caller(principal, session)
+        self.worker.node.streams.drop_caller(caller)  # a chunked transfer broken off stores nothing
         loop = asyncio.get_running_loop()
         self._ending[key] = loop.call_later(self.session_grace, self._end_session, key, caller)
 

@@ -32,6 +32,8 @@ class WebsocketClientWorker(Worker):
         connect_timeout: seconds to wait for the connection.
         ssl: an ``ssl.SSLContext`` for ``wss://`` (e.g. trusting a self-signed cert).
         max_frame_mb: largest reply accepted.
+        compress: offer zstd compression of large frames (None: ``FEDWS_COMPRESS=zstd``;
+            used only if the node agrees; needs ``fedws[compress]``).
         ping_interval: keepalive pings, seconds (None: none).
         connect: False to build the handle without connecting (``connect_async`` does so).
         peer_name, peer_secret: for a node linking to a listed peer: its own id and the
@@ -62,6 +64,7 @@ class WebsocketClientWorker(Worker):
         connect: bool = True,
         peer_name: str | None = None,
         peer_secret: bytes | None = None,
+        compress: bool | None = None,
     ) -> None:
         if url is None:
             url = f"{'wss' if secure or ssl else 'ws'}://{host}:{port}"
@@ -79,6 +82,7 @@ class WebsocketClientWorker(Worker):
                 ping_interval=ping_interval,
                 peer_name=peer_name,
                 peer_secret=peer_secret,
+                compress=compress,
             )
 
         super().__init__(None, id or url, link=link, timeout=timeout)

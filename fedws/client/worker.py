@@ -15,6 +15,8 @@ from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import Any
 
+import torch
+
 from ..exceptions import FedwsError, FedwsTimeoutError, PointerError
 from ..protocol.codec import PointerRef
 from ..protocol.ids import new_id
@@ -25,6 +27,7 @@ from ..transport.link import Chunks, Endpoint, Link
 from .federation import Federation
 from .session import Session
 from .status import NodeStatus
+from .stream import store_chunked
 
 __all__ = [
     "Worker",
@@ -252,7 +255,14 @@ class Worker:
     # -- the user API --------------------------------------------------------------------
 
     def store(self, obj: Any, *, obj_id: int, tags: Iterable[str] = (), description: str | None = None) -> int:
-        """Store ``obj`` on the node under ``obj_id``; returns the request's seq."""
+        """Store ``obj`` on the node under ``obj_id``; returns the request's seq.
+
+        A tensor too large for one frame of the link goes in chunks (:mod:`fedws.client.stream`).
+        """
+        above = getattr(self.link, "stream_above", None)
+        if above is not None and isinstance(obj, torch.Tensor) and not tags and description is None:
+            if obj.numel() * obj.element_size() > above:
+                return store_chunked(self, obj, obj_id=obj_id, chunk_bytes=getattr(self.link, "chunk_bytes", 1 << 20))
         seq, _ = self.submit(Kind.STORE, obj_id, obj, sorted(set(tags)), description)
         return seq
 

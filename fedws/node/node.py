@@ -90,6 +90,7 @@ from .random_shares import node_ops as smpc_ops
 from .secagg import node_ops as secagg_ops
 from .status import Started, node_status
 from .store import Entry, Failure, ObjectStore
+from .streams import stream_ops
 
 __all__ = ["Node"]
 
@@ -189,6 +190,8 @@ class Node:
         self.fedws_ops.update(smpc_ops(self))
         self.fedws_ops.update(dp_ops(self))
         self.fedws_ops.update(secagg_ops(self))
+        self.streams, ops = stream_ops(self)  # tensors larger than one frame (fedws.node.streams)
+        self.fedws_ops.update(ops)
         self.policy = policy or Policy()
 
     # -- policy ---------------------------------------------------------------------------
@@ -229,6 +232,7 @@ class Node:
         Returns:
             (objects freed, bytes freed).
         """
+        self.streams.drop_caller(caller)
         freed, nbytes = self.store.free_session(caller)
         kept = self.store.owns_any(caller)  # what is left is durable
         if not kept:

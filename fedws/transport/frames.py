@@ -10,10 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 from ..protocol.codec import VIEW_MIN_BYTES
+from .memory import frame_buffer
 
-__all__ = ["fragments", "receive", "FRAGMENT"]
+__all__ = ["fragments", "receive", "stream_sizes", "FRAGMENT", "CHUNK_BYTES"]
 
 FRAGMENT = 1 << 20
+CHUNK_BYTES = 4 << 20
+"""Largest chunk of a streamed tensor (a node holds a bounded number of frames per
+connection in hand, so this bounds what a stream keeps queued there)."""
+
+
+def stream_sizes(own_max: int, peer_max: str | None) -> tuple[int, int]:
+    """(tensor bytes above which a tensor goes in chunks, bytes per chunk) for a link.
+
+    ``peer_max`` is the frame limit the node announced in the handshake (absent from older
+    nodes, or garbage: then only our own limit counts). A chunk leaves room for the
+    command around it in a frame.
+    """
+    limit = own_max
+    if peer_max is not None and peer_max.isdigit() and len(peer_max) < 20:
+        limit = min(limit, int(peer_max))
+    above = max(limit // 2, 1)
+    return above, max(min(CHUNK_BYTES, limit // 4), 1)
 
 
 def fragments(chunks: list[bytes | memoryview]) -> bytes | list[bytes | memoryview]:
@@ -46,11 +64,12 @@ def fragments(chunks: list[bytes | memoryview]) -> bytes | list[bytes | memoryvi
     return out
 
 
-async def receive(ws: Any) -> bytes | bytearray | str:
+async def receive(ws: Any) -> bytes | bytearray | memoryview | str:
     """One whole message from ``ws``; raises ``ConnectionClosed`` when the link ends.
 
-    Fragments of a large message are assembled into one writable ``bytearray`` (a single
-    copy), so the codec can hand out its tensors as views instead of copying them again.
+    Fragments of a large message are assembled into one writable buffer of its own (a
+    single copy, into memory nobody zero-filled first: :func:`.memory.frame_buffer`), so
+    the codec can hand out its tensors as views instead of copying them again.
     """
     parts: list[Any] = []
     size = 0
@@ -64,7 +83,7 @@ async def receive(ws: Any) -> bytes | bytearray | str:
     if len(parts) == 1 and size < VIEW_MIN_BYTES:
         small: bytes = parts[0]  # small: the codec copies small tensors anyway
         return small
-    buf = bytearray(size)
+    buf = frame_buffer(size)
     pos = 0
     for part in parts:
         end = pos + len(part)

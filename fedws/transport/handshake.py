@@ -25,6 +25,8 @@ __all__ = [
     "session_key",
     "Credentials",
     "PEER_HEADER",
+    "MAX_FRAME_HEADER",
+    "COMPRESS_HEADER",
     "CHALLENGE_HEADER",
     "PROOF_HEADER",
     "new_challenge",
@@ -138,6 +140,10 @@ class Credentials:
 # before the proof comes back: over ``ws://`` an impostor can still read it, which is why
 # peers across machines use ``wss://`` with the peer's certificate pinned.)
 
+COMPRESS_HEADER = "X-Fedws-Compress"
+"""Request: the compression the coordinator offers (``zstd``); response: the one agreed."""
+MAX_FRAME_HEADER = "X-Fedws-Max-Frame"
+"""Response header: the largest frame (bytes) the node reads; larger tensors go in chunks."""
 PEER_HEADER = "X-Fedws-Peer"
 """Request header: the id of the node that opens a node-to-node link."""
 CHALLENGE_HEADER = "X-Fedws-Challenge"

@@ -17,6 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from ..exceptions import FedwsTimeoutError, WrongThreadError
+from .memory import tune_malloc
 
 __all__ = ["IOThread", "wait", "in_io_thread"]
 
@@ -39,6 +40,7 @@ class IOThread:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
+        tune_malloc()  # this process is about to move frames (see fedws.transport.memory)
         self.loop = _new_loop()
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fedws-io", daemon=True)

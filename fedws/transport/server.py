@@ -28,10 +28,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..exceptions import DecodeError
+from .compress import available as compress_available
+from .compress import deflate, inflate, is_compressed
 from .frames import fragments, receive
 from .guard import FailureLimiter, PendingHandshakes
 from .handshake import (
     CHALLENGE_HEADER,
+    COMPRESS_HEADER,
+    MAX_FRAME_HEADER,
     NODE_ID_HEADER,
     PEER_HEADER,
     PROOF_HEADER,
@@ -42,6 +47,7 @@ from .handshake import (
     session_key,
 )
 from .link import FrameHandler
+from .memory import tune_malloc
 
 __all__ = ["FrameServer", "INLINE_MAX_BYTES"]
 
@@ -185,6 +191,9 @@ class FrameServer:
 
     def _add_id_header(self, connection: ServerConnection, request: Request, response: Response) -> Response:
         response.headers[NODE_ID_HEADER] = self.node_id
+        response.headers[MAX_FRAME_HEADER] = str(int(self.max_frame_mb * 2**20))
+        if request.headers.get(COMPRESS_HEADER) == "zstd" and compress_available():
+            response.headers[COMPRESS_HEADER] = "zstd"  # both sides can: this link compresses
         self._add_peer_proof(request, response)
         return response
 
@@ -215,7 +224,9 @@ class FrameServer:
             opened = (principal, session)
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{self.node_id}")
         replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
-        writer = asyncio.create_task(self._write_replies(ws, replies))
+        req = ws.request
+        zstd = req is not None and req.headers.get(COMPRESS_HEADER) == "zstd" and compress_available()
+        writer = asyncio.create_task(self._write_replies(ws, replies, zstd))
         may_inline = self.answer_inline
         in_thread = 0  # frames of this connection handed to its thread and not done
 
@@ -229,10 +240,17 @@ class FrameServer:
                 if isinstance(message, str):
                     await ws.close(1003, "fedws speaks binary msgpack frames")
                     break
+                if zstd and is_compressed(message):
+                    try:  # bounded: the declared size is checked against max_size first
+                        message = inflate(message, int(self.max_frame_mb * 2**20))
+                    except DecodeError as exc:
+                        await ws.close(1007, f"fedws: {exc}"[:120])
+                        break
                 if (
                     inline is not None
                     and may_inline is not None
                     and not in_thread
+                    and isinstance(message, (bytes, bytearray))  # large frames are pool views
                     and len(message) <= INLINE_MAX_BYTES
                     and may_inline(message)
                 ):
@@ -244,6 +262,9 @@ class FrameServer:
                 in_thread += 1
                 job = loop.run_in_executor(executor, handle, message)
                 job.add_done_callback(done)
+                # Let go of the frame before waiting for the next one: its buffer goes back
+                # to the frame pool once the objects decoded from it are gone.
+                message = b""
                 await replies.put(job)
         except ConnectionClosed:
             pass
@@ -257,7 +278,7 @@ class FrameServer:
                 except Exception:  # never let bookkeeping break the server
                     log.exception("node %s: close_session failed", self.node_id)
 
-    async def _write_replies(self, ws: ServerConnection, replies: asyncio.Queue[Any]) -> None:
+    async def _write_replies(self, ws: ServerConnection, replies: asyncio.Queue[Any], zstd: bool = False) -> None:
         # Once the connection is gone, frames already handed on still run to the end (their
         # replies are dropped), so when this returns no frame of the connection is running.
         closed = False
@@ -269,9 +290,10 @@ class FrameServer:
             if closed:
                 continue
             try:
-                await ws.send(fragments(reply))
+                await ws.send(fragments(deflate(reply) if zstd else reply))
             except ConnectionClosed:
                 closed = True
+            pending = reply = None  # a sent reply may hold a frame buffer: let it go
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -281,6 +303,7 @@ class FrameServer:
         Raises:
             OSError: the address cannot be bound.
         """
+        tune_malloc()  # large frames: see fedws.transport.memory
         ssl_ctx = None
         if self.certfile:
             ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

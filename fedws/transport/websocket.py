@@ -34,9 +34,12 @@ from ..exceptions import (
     FedwsConnectionError,
     WrongThreadError,
 )
-from .frames import fragments, receive
+from .compress import deflate, inflate, is_compressed, wanted
+from .frames import fragments, receive, stream_sizes
 from .handshake import (
     CHALLENGE_HEADER,
+    COMPRESS_HEADER,
+    MAX_FRAME_HEADER,
     NODE_ID_HEADER,
     PEER_HEADER,
     PROOF_HEADER,
@@ -82,6 +85,8 @@ class WebsocketLink:
         peer_name: for a node-to-node link, the id of the node opening it.
         peer_secret: with ``peer_name`` and ``expected_id``: the secret the node must prove
             it shares (refused otherwise; see :func:`~fedws.transport.handshake.peer_proof`).
+        compress: offer zstd compression of large frames (None: ``FEDWS_COMPRESS=zstd``);
+            used only if the node agrees (see :mod:`fedws.transport.compress`).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class WebsocketLink:
         ping_interval: float | None = 10.0,
         peer_name: str | None = None,
         peer_secret: bytes | None = None,
+        compress: bool | None = None,
     ) -> None:
         if peer_secret is not None and (peer_name is None or expected_id is None):
             raise ValueError("a peer secret needs peer_name and expected_id")
@@ -111,6 +117,10 @@ class WebsocketLink:
         self.connect_timeout = connect_timeout
         self._ssl = ssl
         self._max_size = int(max_frame_mb * 2**20)
+        self.stream_above, self.chunk_bytes = stream_sizes(self._max_size, None)
+        self._offer_zstd = wanted() if compress is None else compress
+        self.compressed = False
+        """Whether frames of this link are compressed (both sides agreed in the handshake)."""
         self._ping_interval = ping_interval
         self._peer_name = peer_name
         self._peer_secret = peer_secret
@@ -146,6 +156,8 @@ class WebsocketLink:
         tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {}  # wss:// defaults to system CAs
         headers = auth_headers(self.token, self.session_key) or {}
         challenge = None
+        if self._offer_zstd:
+            headers[COMPRESS_HEADER] = "zstd"
         if self._peer_name is not None:
             headers[PEER_HEADER] = self._peer_name
             if self._peer_secret is not None:
@@ -209,6 +221,12 @@ class WebsocketLink:
                 raise FedwsConnectionError(
                     f"the node at {self._address} could not prove it is {node_id!r} (no or wrong peer proof)"
                 )
+        self.stream_above, self.chunk_bytes = stream_sizes(
+            self._max_size, ws.response.headers.get(MAX_FRAME_HEADER) if ws.response else None
+        )
+        self.compressed = self._offer_zstd and ws.response is not None and (
+            ws.response.headers.get(COMPRESS_HEADER) == "zstd"
+        )
         self.node_id = self.name = node_id
         self._ws = ws
         self._closing = False
@@ -235,7 +253,7 @@ class WebsocketLink:
                 waiters, self._flush_waiters = self._flush_waiters, []
             try:
                 while (frame := endpoint.take_frame()) is not None:
-                    await ws.send(fragments(frame))
+                    await ws.send(fragments(deflate(frame) if self.compressed else frame))
             except ConnectionClosed:
                 _release(waiters)  # the reader reports the loss to futures
                 return
@@ -248,7 +266,10 @@ class WebsocketLink:
                 message = await receive(ws)
                 if isinstance(message, str):
                     continue
+                if self.compressed and is_compressed(message):
+                    message = inflate(message, self._max_size)  # bounded before it allocates
                 self.endpoint.receive(message)
+                message = b""  # not held while waiting: the buffer may go back to the frame pool
         except ConnectionClosed:
             pass
         except Exception as exc:  # the endpoint could not take a reply at all: the link is unusable

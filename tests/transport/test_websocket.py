@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 import fedws as sy
 from fedws.launch import NodeProcess, start_node
 from fedws.protocol import codec
+from fedws.protocol.ids import new_id
 from fedws.protocol.messages import Kind
 
 
@@ -195,8 +196,10 @@ def test_oversized_frame_closes_that_connection_only(hook: sy.TorchHook) -> None
         bystander = sy.connect(n.url, hook=hook)
         sender = sy.connect(n.url, hook=sy.TorchHook(torch))
         big = torch.zeros(2**19)  # 2 MiB > 1 MiB cap
+        oid = new_id()  # a raw STORE: Worker.store would stream it in chunks under the node's limit
         with pytest.raises(sy.ConnectionLostError, match="1009"):
-            big.send(sender).get(timeout=10)
+            sender.submit(Kind.STORE, oid, big, [], None)
+            sender.request(Kind.GET, oid, False, timeout=10)
         assert torch.ones(2).send(bystander).get().tolist() == [1.0, 1.0]
         bystander.close()
     finally:
