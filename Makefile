@@ -24,7 +24,7 @@ $(VENV)/bin/python:
 # The pinned CPU torch goes first: a bare `torch` requirement would pull CUDA wheels.
 $(STAMP): pyproject.toml Makefile $(PYTHON_DEP)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test,demo,dev,dp,docs,sandbox,secagg]"
+	$(PIP) install -q -e ".[test,demo,dev,dp,docs,sandbox,secagg,compress]"
 	@touch $(STAMP)
 
 install: $(STAMP)
