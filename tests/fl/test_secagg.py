@@ -258,7 +258,7 @@ def test_sizes_are_bounded_before_anything_is_made() -> None:
     c = Client(Node("bob"), "local", "s" * 32)
     for args, why in (
         (["r", 1, MAX_PARTICIPANTS + 1, 600], "n must be"),
-        (["r", 1, 4, 2], "n/2 < t"),  # a minority could unmask
+        (["r", 1, 4, 2], "m/2 < t"),  # a minority could unmask
         (["r", 5, 4, 3], "index must be"),
         (["x" * 65, 1, 4, 3], "round id"),
     ):
