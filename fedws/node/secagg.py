@@ -404,7 +404,7 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         length = sum(x.numel() for x in update) + 1
         if length > MAX_ELEMENTS:
             raise ValueError(f"secagg: at most {MAX_ELEMENTS} elements, got {length}")
-        noise = _dp_args(dp, update)
+        noise = _dp_args(dp, list(update))
         node.budget.check(8 * length * 4, node.store.nbytes, "fedws.secagg.mask", op="fedws.secagg.mask")
         release = release_rule(noise)
         _, _, _, _, AESGCM, _ = _crypto()
