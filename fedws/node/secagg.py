@@ -74,7 +74,7 @@ from .policy import clip_and_noise
 __all__ = [
     "MAX_PARTICIPANTS", "MAX_ELEMENTS", "MAX_ROUNDS", "FRAC_BITS", "CLIP", "PRIME", "SHARE_BYTES",
     "KEY_BYTES", "CIPHER_BYTES", "encode_fixed", "decode_fixed", "prg", "pair_seed", "shamir_split",
-    "shamir_combine", "graph", "neighbourhood", "neighbourhood_size", "node_ops",
+    "shamir_combine", "graph", "ring_order", "neighbourhood", "neighbourhood_size", "node_ops",
 ]
 
 MAX_PARTICIPANTS = 1024
@@ -118,9 +118,14 @@ def graph(rid: str, n: int, k: int | None) -> dict[int, frozenset[int]]:
     if size >= n:
         everyone = frozenset(range(1, n + 1))
         return {i: everyone for i in everyone}
-    ring = sorted(range(1, n + 1), key=lambda i: hashlib.sha256(f"fedws secagg graph|{rid}|{i}".encode()).digest())
+    ring = ring_order(rid, n)
     half = (size - 1) // 2
     return {ring[at]: frozenset(ring[(at + d) % n] for d in range(-half, half + 1)) for at in range(n)}
+
+
+def ring_order(rid: str, n: int) -> list[int]:
+    """The indices 1..n in round ``rid``'s ring order (SecAgg+'s graph)."""
+    return sorted(range(1, n + 1), key=lambda i: hashlib.sha256(f"fedws secagg graph|{rid}|{i}".encode()).digest())
 
 
 def neighbourhood(rid: str, n: int, k: int | None, index: int) -> frozenset[int]:
