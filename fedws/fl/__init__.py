@@ -15,6 +15,7 @@ from .aggregate import fedavg, fedavg_weights, validate_updates
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, dp_sgd_step
+from .secagg import SecAggConfig
 from .early_stopping import EarlyStopping
 from .evaluate import evaluate, evaluate_metrics
 from .fedavg import FedAvg, train_federated
@@ -63,6 +64,7 @@ __all__ = [
     "training_plan_digest",
     "DPConfig",
     "dp_sgd_step",
+    "SecAggConfig",
     "EarlyStopping",
     "Strategy",
     "WeightedAverageStrategy",
