@@ -15,7 +15,6 @@ from .aggregate import fedavg, fedavg_weights, validate_updates
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, dp_sgd_step
-from .secagg import SecAggConfig
 from .early_stopping import EarlyStopping
 from .evaluate import evaluate, evaluate_metrics
 from .fedavg import FedAvg, train_federated
@@ -31,6 +30,7 @@ from .history import History, RoundMetrics
 from .local_training import step_plan_digest, training_plan_digest
 from .metrics import Metric
 from .sampling import sample_nodes
+from .secagg import SecAggConfig
 from .strategies import (
     FedAdagrad,
     FedAdam,

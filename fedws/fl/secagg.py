@@ -43,9 +43,9 @@ import torch
 from ..client.worker import Worker
 from ..exceptions import RoundFailedError
 from ..node.secagg import (
+    CIPHER_BYTES,
     KEY_BYTES,
     MAX_PARTICIPANTS,
-    CIPHER_BYTES,
     SHARE_BYTES,
     decode_fixed,
     graph,
