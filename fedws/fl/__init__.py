@@ -30,6 +30,7 @@ from .history import History, RoundMetrics
 from .local_training import step_plan_digest, training_plan_digest
 from .metrics import Metric
 from .sampling import sample_nodes
+from .secagg import SecAggConfig
 from .strategies import (
     FedAdagrad,
     FedAdam,
@@ -63,6 +64,7 @@ __all__ = [
     "training_plan_digest",
     "DPConfig",
     "dp_sgd_step",
+    "SecAggConfig",
     "EarlyStopping",
     "Strategy",
     "WeightedAverageStrategy",

@@ -11,6 +11,31 @@ Two places the Gaussian mechanism can run (:class:`DPConfig` ``mode``):
 * ``"central"`` (McMahan et al. 2018, DP-FedAvg): the coordinator is trusted with the
   individual updates; it clips each to ``clip``, averages them with equal weights and adds
   ``N(0, (noise_multiplier * clip / m)^2)`` to the average of ``m`` updates.
+* ``"distributed"`` (needs ``secure_aggregation``): central DP's guarantee without trusting
+  the coordinator with any update. Each node clips its delta to ``clip`` and adds its share
+  of the noise, ``N(0, (noise_multiplier * clip)^2 / t)``, before masking it (the
+  ``fedws.secagg.mask`` command does both on the node, in one step, so the weakly noised
+  update is never stored); the coordinator unmasks only the sum of ``m >= t`` survivors'
+  updates (``t``: the secure sum's threshold, the fewest it ever unmasks), whose noise has
+  std ``noise_multiplier * clip * sqrt(m / t) >= noise_multiplier * clip``. The accountant
+  charges the effective multiplier ``noise_multiplier * sqrt(m / t)`` per round (sampling
+  rate as central). Equal weights, as central DP: one node moves the sum by ``clip`` at
+  most. Why ``1/sqrt(t)`` and not ``1/sqrt(n)``: nodes that drop out after masking take
+  their noise with them; sizing the shares for the fewest survivors the sum can have keeps
+  the promised noise whatever the dropouts. The guarantee assumes the survivors add their
+  share (honest nodes); a node does not rely on that for itself — see below.
+
+Local DP with ``secure_aggregation``: each node adds the *full* ``noise_multiplier * clip``
+before masking (weighted by its example count after the noise: post-processing). The
+epsilon reported is the local one (each node's own release stands alone), although the sum
+the coordinator sees carries ``sqrt(m)`` times that noise: local DP is the mode for nodes
+that trust nobody else's noise.
+
+A node's release rule (:class:`~fedws.node.policy.DPRule`, issue [2/7]) governs what it
+masks: a private update is masked only with noise of at least the rule's multiplier, is
+charged to the principal's budget as one release, and an unnoised masked release of
+private values is refused (:mod:`fedws.node.secagg`). A node that raises the noise makes
+the epsilon reported here an over-estimate, never an under-estimate.
 
 :class:`Privacy` keeps the accounting: Opacus's RDP accountant, one step per round. Central
 DP: sampling rate ``q = sampled / total`` nodes, epsilon at ``delta`` for the model each
@@ -45,9 +70,10 @@ __all__ = [
     "epsilon_for",
     "start_dp_release",
     "dp_sgd_step",
+    "check_dp_combination",
 ]
 
-MODES = ("local", "central")
+MODES = ("local", "central", "distributed")
 
 
 @dataclass(frozen=True)
@@ -55,8 +81,10 @@ class DPConfig:
     """Differential privacy of a federated run.
 
     Attributes:
-        mode: ``"local"`` (each node clips and noises its own update) or ``"central"``
-            (the coordinator clips each update and noises the average).
+        mode: ``"local"`` (each node clips and noises its own update), ``"central"``
+            (the coordinator clips each update and noises the average) or
+            ``"distributed"`` (each node adds a share of central DP's noise before secure
+            aggregation masks it; needs ``secure_aggregation``).
         clip: the L2 bound ``C`` of one node's update (the mechanism's sensitivity).
         noise_multiplier: ``z``; the noise has standard deviation ``z * C`` (local) or
             ``z * C / m`` on the average of ``m`` updates (central).
@@ -138,6 +166,29 @@ class Privacy:
         self.generator = torch.Generator().manual_seed(secrets.randbits(63))  # the OS CSPRNG
         self.history: list[tuple[float, float, int]] = []  # (z, q, steps), Opacus's format
         self.participations: dict[str, int] = {}
+        self.round_noise: float | None = None  # distributed: this round's effective multiplier
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run goes on spending, not from epsilon 0."""
+        return {"history": [list(h) for h in self.history], "participations": dict(self.participations)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [(float(z), float(q), int(n)) for z, q, n in state.get("history", [])]
+        self.participations = {str(k): int(v) for k, v in state.get("participations", {}).items()}
+
+    @property
+    def epsilon(self) -> float:
+        """The epsilon spent so far (0 before the first round)."""
+        cfg = self.config
+        if cfg.mode == "local":
+            return epsilon_for(cfg.noise_multiplier, 1.0, max(self.participations.values(), default=0), cfg.delta)
+        if not self.history:
+            return 0.0
+        from opacus.accountants import RDPAccountant
+
+        acc = RDPAccountant()
+        acc.history = list(self.history)
+        return float(acc.get_epsilon(delta=cfg.delta))
 
     def account(self, sampled: list[str], total: int) -> float:
         """Record one round that sampled ``sampled`` of ``total`` nodes; the epsilon so far."""
@@ -145,21 +196,18 @@ class Privacy:
         if cfg.mode == "local":
             for wid in sampled:
                 self.participations[wid] = self.participations.get(wid, 0) + 1
-            worst = max(self.participations.values(), default=0)
-            return epsilon_for(cfg.noise_multiplier, 1.0, worst, cfg.delta)
-        if cfg.noise_multiplier <= 0:
+            return self.epsilon
+        z = cfg.noise_multiplier if self.round_noise is None else self.round_noise
+        self.round_noise = None
+        if z <= 0:
             return math.inf
         q = len(sampled) / total
-        if self.history and self.history[-1][:2] == (cfg.noise_multiplier, q):
+        if self.history and self.history[-1][:2] == (z, q):
             z, q, n = self.history[-1]
             self.history[-1] = (z, q, n + 1)
         else:
-            self.history.append((cfg.noise_multiplier, q, 1))
-        from opacus.accountants import RDPAccountant
-
-        acc = RDPAccountant()
-        acc.history = list(self.history)
-        return float(acc.get_epsilon(delta=cfg.delta))
+            self.history.append((z, q, 1))
+        return self.epsilon
 
     def aggregate(
         self, global_state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]]
@@ -182,6 +230,57 @@ class Privacy:
         for k in keys:
             out[k] = (global_state[k].double() + delta[k]).to(global_state[k].dtype)
         return out
+
+
+def check_dp_combination(config: DPConfig, secure_aggregation: bool) -> None:
+    """Refuse the DP modes that do not fit how the updates are aggregated."""
+    if secure_aggregation and config.mode == "central":
+        raise ValueError("FedAvg: central DP clips each update on the coordinator, which secure aggregation "
+                         "hides from it: use DPConfig(mode='distributed') (each node adds its share of the "
+                         "noise before masking) or mode='local'")
+    if not secure_aggregation and config.mode == "distributed":
+        raise ValueError("FedAvg: DPConfig(mode='distributed') needs secure_aggregation: each node's share of "
+                         "the noise is too small to protect an update the coordinator would see alone")
+
+
+def secure_dp_aggregate(
+    privacy: Privacy,
+    runs: list[LocalRun],
+    global_state: dict[str, torch.Tensor],
+    *,
+    neighbours: int | None,
+    threshold: int | None,
+    timeout: float,
+    round_number: int,
+) -> dict[str, torch.Tensor]:
+    """One round's new global state from updates clipped, noised and masked on the nodes.
+
+    Local mode: each node adds the full noise and weights its noised delta by its example
+    count; distributed mode: each adds ``1/sqrt(t)`` of the noise, weight 1, and the
+    effective multiplier of the sum is left in ``privacy.round_noise`` for :meth:`Privacy.account`.
+    """
+    from .secagg import SecureAggregation
+
+    cfg = privacy.config
+    keys = float_keys(global_state)
+    workers = [r.data.worker for r in runs]
+    agg = SecureAggregation(workers, threshold, neighbours=neighbours, timeout=timeout, round_number=round_number)
+    z = cfg.noise_multiplier if cfg.mode == "local" else cfg.noise_multiplier / math.sqrt(agg.t)
+    agg.advertise_keys()
+    agg.share_keys()
+    updates = {}
+    for r in runs:
+        state = r.model.state_dict(keep_vars=True)
+        updates[r.data.worker.id] = [state[k] for k in keys]
+    weights = {r.data.worker.id: float(r.data.num_examples) if cfg.mode == "local" else 1.0 for r in runs}
+    agg.collect_masked(updates, weights, (cfg.clip, z, [global_state[k] for k in keys]))
+    total = agg.unmask()
+    if cfg.mode == "distributed":
+        privacy.round_noise = z * math.sqrt(len(total.survivors))
+    out = dict(global_state)
+    for k, v in zip(keys, total.tensors):
+        out[k] = (global_state[k].double() + v / total.total_weight).to(global_state[k].dtype)
+    return out
 
 
 def float_keys(state: dict[str, torch.Tensor]) -> list[str]:

@@ -30,9 +30,9 @@ from torch import nn
 from ..client.worker import Worker
 from ..exceptions import PlanError, PointerError, RoundFailedError
 from ..pointers import PointerTensor
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restore_run_state, run_state, save_checkpoint
 from .config import FedAvgConfig
-from .dp import DPConfig, Privacy, start_dp_release
+from .dp import DPConfig, Privacy, check_dp_combination, secure_dp_aggregate, start_dp_release
 from .federated_eval import FederatedEvaluator, score_round
 from .history import History, RoundMetrics
 from .local_training import (
@@ -48,7 +48,7 @@ from .metrics import Metric
 from .progress import progress_bar
 from .remote import Deadline, first_error, wait_all
 from .sampling import select_nodes
-from .secagg import secure_sum
+from .secagg import SecAggConfig, secure_sum
 from .strategies import get_strategy
 from .strategy import FitResult, Strategy, WeightedAverageStrategy
 from .train_config import TrainConfig, local_step
@@ -85,7 +85,10 @@ class FedAvg:
             updates and noises their average (``"central"``); epsilon per round in History.
         secure_aggregation: each node masks its ``num_examples``-scaled update (and its
             count) on the node and the coordinator unmasks only their sum
-            (:mod:`fedws.fl.secagg`; threshold ``config.secagg_threshold``).
+            (:mod:`fedws.fl.secagg`; threshold ``config.secagg_threshold``). A
+            :class:`~fedws.fl.secagg.SecAggConfig` picks SecAgg+ (``neighbours=k``) and the
+            threshold. With ``dp=``, the nodes clip and noise before masking (local or
+            ``"distributed"`` DP, :mod:`fedws.fl.dp`).
         strategy: how answers become the next model (a name such as ``"fedadam"`` or a
             :class:`~fedws.fl.strategy.Strategy`); None: ``config.strategy``. With
             ``aggregator=`` only weighted-average strategies work (the average is all the
@@ -119,7 +122,7 @@ class FedAvg:
         progress: bool | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
         dp: DPConfig | None = None,
-        secure_aggregation: bool = False,
+        secure_aggregation: bool | SecAggConfig = False,
         strategy: str | Strategy | None = None,
         metrics: Sequence[str | Metric] | None = None,
         evaluate_on_nodes: bool | None = None,
@@ -148,7 +151,8 @@ class FedAvg:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_round = on_round
-        self.secure_aggregation = secure_aggregation
+        self.secure_aggregation = bool(secure_aggregation)
+        self.secagg = secure_aggregation if isinstance(secure_aggregation, SecAggConfig) else SecAggConfig()
         if secure_aggregation and aggregator is not None:
             raise ValueError("FedAvg: choose secure_aggregation or a trusted aggregator, not both")
         self.history = History()
@@ -165,8 +169,8 @@ class FedAvg:
             )
         if dp is not None and aggregator is not None:
             raise ValueError("FedAvg: dp= and aggregator= do not combine (the aggregator would see raw updates)")
-        if dp is not None and secure_aggregation:
-            raise ValueError("FedAvg: dp= and secure_aggregation=True do not combine yet (masking runs before the DP release)")
+        if dp is not None:
+            check_dp_combination(dp, self.secure_aggregation)
         self.dp = Privacy(dp) if dp is not None else None
         if dp is not None and self.strategy.name != "fedavg":
             raise ValueError(f"FedAvg: dp= works with the fedavg strategy only, not {self.strategy.name!r}")
@@ -227,6 +231,7 @@ class FedAvg:
             if ck is not None:
                 self.model.load_state_dict(ck.state)
                 self.history = ck.history
+                restore_run_state(ck, self.strategy, self.dp)
                 first = ck.round + 1
                 log.info("resuming after round %d from %s", ck.round, self.checkpoint_dir)
         rounds = range(first, self.config.rounds + 1)
@@ -237,7 +242,8 @@ class FedAvg:
                 self.history.append(metrics)
                 if self.checkpoint_dir is not None:
                     save_checkpoint(
-                        self.checkpoint_dir, self.model.state_dict(), r, self.history, self.config.to_dict()
+                        self.checkpoint_dir, self.model.state_dict(), r, self.history, self.config.to_dict(),
+                        **run_state(self.strategy, self.dp),
                     )
                 bar.set_postfix(loss=metrics.train_loss, acc=metrics.test_accuracy, nodes=len(metrics.nodes))
                 if self.on_round is not None:
@@ -288,7 +294,7 @@ class FedAvg:
                     step=self.step,
                     round_config=self._round_config(w.id, round_number),
                 )
-                if self.dp is not None and self.dp.config.mode == "local":
+                if self.dp is not None and self.dp.config.mode == "local" and not self.secure_aggregation:
                     start_dp_release(runs[w.id], global_state, self.dp.config)
             except PlanError:  # the user's step breaks the plan contract: no node is at fault
                 raise
@@ -371,6 +377,11 @@ class FedAvg:
         self, runs: list[LocalRun], results: dict[str, list[Any]], round_number: int
     ) -> dict[str, torch.Tensor]:
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.dp is not None and self.secure_aggregation:
+            return secure_dp_aggregate(
+                self.dp, runs, current, neighbours=self.secagg.neighbours, timeout=self.config.round_timeout,
+                threshold=self.secagg.threshold or self.config.secagg_threshold, round_number=round_number,
+            )
         if self.dp is not None:
             got = [(dict(zip(r.state_keys, results[r.node_id][2:])), r.data.num_examples) for r in runs]
             return self.dp.aggregate(self.model.state_dict(), got)
@@ -406,7 +417,8 @@ class FedAvg:
         states = {r.data.worker: r.model.state_dict(keep_vars=True) for r in runs}
         total = secure_sum(
             {w: list(s.values()) for w, s in states.items()},
-            self.config.secagg_threshold,
+            self.secagg.threshold or self.config.secagg_threshold,
+            neighbours=self.secagg.neighbours,
             weights={r.data.worker: r.data.num_examples for r in runs},
             timeout=self.config.round_timeout,
             round_number=round_number,

@@ -13,6 +13,16 @@ an honest node's update beyond the sum. A coordinator plus ``t`` colluding nodes
 reconstruct any node's secrets; a coordinator that lies about which nodes take part
 (impersonates peers, since keys are not signed) is outside this model.
 
+SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic
+Overhead", CCS 2020): with ``neighbours=k`` (:class:`SecAggConfig`) each node agrees
+keys, shares secrets and masks only with its ``k`` neighbours on a random ring graph
+derived from the round id (:func:`fedws.node.secagg.graph`), so a node's cost is O(k)
+instead of O(n); the Shamir threshold ``t`` then counts within a node's closed
+neighbourhood (``k + 1`` nodes). The same threat model holds per neighbourhood: fewer than
+``t`` of a node's neighbours colluding with the coordinator learn nothing of it. With
+``k`` of order ``log n`` this is the paper's setting; the graph here is a ring, which is
+cheaper to check than a random ``k``-regular graph but makes neighbourhoods overlap.
+
 Example:
     >>> total = secure_sum({alice: [ptr_a], bob: [ptr_b], carol: [ptr_c]}, threshold=2)
     >>> total.tensors[0]  # ptr_a + ptr_b + ptr_c, decoded from fixed point
@@ -33,10 +43,13 @@ import torch
 from ..client.worker import Worker
 from ..exceptions import RoundFailedError
 from ..node.secagg import (
+    CIPHER_BYTES,
     KEY_BYTES,
     MAX_PARTICIPANTS,
     SHARE_BYTES,
     decode_fixed,
+    graph,
+    neighbourhood_size,
     pair_seed,
     prg,
     self_seed,
@@ -48,7 +61,7 @@ from ..protocol.ids import new_id
 from ..protocol.messages import Kind
 from .remote import Deadline, wait_all
 
-__all__ = ["SecureAggregation", "SecureSum", "secure_sum", "default_threshold"]
+__all__ = ["SecAggConfig", "SecureAggregation", "SecureSum", "secure_sum", "default_threshold"]
 
 log = logging.getLogger("fedws.fl")
 
@@ -56,6 +69,27 @@ log = logging.getLogger("fedws.fl")
 def default_threshold(n: int) -> int:
     """A strict majority: the smallest ``t`` the nodes accept (``n/2 < t``)."""
     return n // 2 + 1
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """How :class:`~fedws.fl.FedAvg` aggregates securely (``secure_aggregation=``).
+
+    Attributes:
+        neighbours: None: SecAgg, every node masks with every other (O(n) per node).
+            ``k``: SecAgg+, each node masks with ``k`` neighbours only (rounded up to even;
+            O(k) per node); ``k >= n - 1`` is SecAgg.
+        threshold: ``t``, how many of the nodes sharing a node's secrets (all ``n``, or its
+            ``k + 1``-node neighbourhood) must remain to unmask; a strict majority of them
+            by default. None also defers to ``FedAvgConfig.secagg_threshold``.
+    """
+
+    neighbours: int | None = None
+    threshold: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.neighbours is not None and self.neighbours < 2:
+            raise ValueError(f"SecAggConfig: neighbours must be None or >= 2, got {self.neighbours}")
 
 
 @dataclass
@@ -97,7 +131,9 @@ class SecureAggregation:
 
     Args:
         workers: the participants; their order gives their Shamir indices 1..n.
-        threshold: ``t``, with ``n/2 < t <= n``; up to ``n - t`` nodes may drop out.
+        threshold: ``t``, with ``m/2 < t <= m`` for the ``m`` nodes sharing one node's
+            secrets (``n``, or ``k + 1`` with ``neighbours=k``); up to ``m - t`` of them may drop out.
+        neighbours: ``k`` for SecAgg+ (each node's peers are its graph neighbours); None: SecAgg.
         timeout: seconds each step waits for the nodes.
         round_id: the round's name on the nodes (default: random).
     """
@@ -107,6 +143,7 @@ class SecureAggregation:
         workers: Sequence[Worker],
         threshold: int | None = None,
         *,
+        neighbours: int | None = None,
         timeout: float = 60.0,
         round_id: str | None = None,
         round_number: int = 0,
@@ -116,23 +153,29 @@ class SecureAggregation:
             raise ValueError(f"secure aggregation needs 2..{MAX_PARTICIPANTS} nodes, got {n}")
         if len({w.id for w in workers}) != n:
             raise ValueError("secure aggregation: worker ids must be unique")
-        t = default_threshold(n) if threshold is None else threshold
-        if not n // 2 < t <= n:
-            raise ValueError(f"secure aggregation: the threshold must satisfy n/2 < t <= n, got t={t} for n={n}")
+        k = neighbours if neighbours is not None and neighbours < n - 1 else None
+        if neighbours is not None and neighbours < 2:
+            raise ValueError(f"secure aggregation: neighbours must be >= 2, got {neighbours}")
+        m = neighbourhood_size(n, k)
+        t = default_threshold(m) if threshold is None else threshold
+        if not m // 2 < t <= m:
+            raise ValueError(f"secure aggregation: the threshold must satisfy m/2 < t <= m for the m={m} nodes "
+                             f"sharing a node's secrets, got t={t} (n={n}, neighbours={neighbours})")
         self.workers = list(workers)
-        self.n, self.t = n, t
+        self.n, self.t, self.k = n, t, k
         self.timeout = timeout
         self.round_id = round_id or secrets.token_hex(8)
+        self.peers = graph(self.round_id, n, k)  # index -> closed neighbourhood
         self.round_number = round_number
         self.index = {w.id: i + 1 for i, w in enumerate(self.workers)}
         self.alive: dict[str, Worker] = {w.id: w for w in self.workers}
         self.dropped: dict[str, str] = {}
         self.public: dict[int, bytes] = {}  # U1
-        self.ciphertexts: dict[int, torch.Tensor] = {}  # U2: sender -> rows for the indices in share_order
-        self.share_order: list[int] = []
+        self.ciphertexts: dict[int, torch.Tensor] = {}  # U2: sender -> rows for the indices in share_order[sender]
+        self.share_order: dict[int, list[int]] = {}
         self.masked: dict[int, torch.Tensor] = {}  # U3: what the coordinator received from each node
         self.shapes: list[tuple[int, ...]] = []
-        self.senders: list[int] = []  # U2 as the nodes were told it
+        self.senders: dict[int, list[int]] = {}  # node -> the peers it was told masked with it
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -174,7 +217,8 @@ class SecureAggregation:
     def advertise_keys(self) -> None:
         """Step 0: every node makes its key pairs and publishes the public halves."""
         got = self._run({
-            wid: _call(w, "fedws.secagg.keys", [self.round_id, self.index[wid], self.n, self.t])
+            wid: _call(w, "fedws.secagg.keys", [self.round_id, self.index[wid], self.n, self.t]
+                       + ([] if self.k is None else [self.k]))
             for wid, w in self.alive.items()
         })
         for wid, pub in got.items():
@@ -185,24 +229,34 @@ class SecureAggregation:
         self._enough("advertise_keys")
 
     def share_keys(self) -> None:
-        """Step 1: relay the public keys; each node returns its encrypted shares for the others."""
-        order = sorted(self.index[wid] for wid in self.alive)
-        keys = torch.frombuffer(bytearray(b"".join(self.public[i] for i in order)), dtype=torch.uint8)
-        keys = keys.reshape(len(order), KEY_BYTES)
-        got = self._run({wid: _call(w, "fedws.secagg.share", [self.round_id, order, keys])
-                         for wid, w in self.alive.items()})
-        self.share_order = order
+        """Step 1: relay each node its peers' public keys; it returns its encrypted shares for them."""
+        alive = {self.index[wid] for wid in self.alive}
+        calls = {}
+        for wid, w in self.alive.items():
+            me = self.index[wid]
+            order = sorted(alive & self.peers[me])
+            self.share_order[me] = order
+            keys = torch.frombuffer(bytearray(b"".join(self.public[i] for i in order)), dtype=torch.uint8)
+            calls[wid] = _call(w, "fedws.secagg.share", [self.round_id, order, keys.reshape(len(order), KEY_BYTES)])
+        got = self._run(calls)
         for wid, rows in got.items():
             self.ciphertexts[self.index[wid]] = rows
         self._enough("share_keys")
 
     def collect_masked(
-        self, updates_by_node: Mapping[str, Sequence[PointerTensor]], weights: Mapping[str, float] | None = None
+        self,
+        updates_by_node: Mapping[str, Sequence[PointerTensor]],
+        weights: Mapping[str, float] | None = None,
+        dp: tuple[float, float, Sequence[torch.Tensor] | None] | None = None,
     ) -> None:
-        """Step 2: hand each node the shares addressed to it; receive its masked update."""
+        """Step 2: hand each node the shares addressed to it; receive its masked update.
+
+        ``dp = (clip, noise_multiplier, reference)``: each node clips its update minus
+        ``reference`` and noises it before masking (:mod:`fedws.node.secagg`).
+        """
         calls: dict[str, Future[Any]] = {}
-        senders = sorted(self.index[wid] for wid in self.alive if self.index[wid] in self.ciphertexts)
-        self.senders = senders
+        alive = {self.index[wid] for wid in self.alive if self.index[wid] in self.ciphertexts}
+        dp_arg = None if dp is None else [dp[0], dp[1], None if dp[2] is None else list(dp[2])]
         for wid, w in list(self.alive.items()):
             ptrs = list(updates_by_node[wid])
             shapes = [self._shape(p, w) for p in ptrs]
@@ -211,12 +265,16 @@ class SecureAggregation:
             elif shapes != self.shapes:
                 raise ValueError(f"secure aggregation: node {wid!r}'s update has shapes {shapes}, expected {self.shapes}")
             me = self.index[wid]
-            others = [v for v in senders if v != me]
-            col = self.share_order.index(me)
-            rows = torch.stack([self.ciphertexts[v][col] for v in others])
+            if me not in self.ciphertexts:
+                continue
+            others = sorted(v for v in alive & self.peers[me] if v != me and me in self.share_order[v])
+            self.senders[me] = others
+            rows = torch.stack([self.ciphertexts[v][self.share_order[v].index(me)] for v in others]) if others \
+                else torch.zeros(0, CIPHER_BYTES, dtype=torch.uint8)
             weight = 1.0 if weights is None else float(weights[wid])
             refs = [ObjRef(p.id_at_location) for p in ptrs]
-            calls[wid] = _call(w, "fedws.secagg.mask", [self.round_id, others, rows, refs, weight])
+            args: list[Any] = [self.round_id, others, rows, refs, weight]
+            calls[wid] = _call(w, "fedws.secagg.mask", args if dp_arg is None else [*args, dp_arg])
         length = sum(math.prod(shape) for shape in self.shapes) + 1
         for wid, y in self._run(calls).items():
             if isinstance(y, torch.Tensor) and y.dtype == torch.int64 and tuple(y.shape) == (length,):
@@ -237,25 +295,39 @@ class SecureAggregation:
     def unmask(self) -> SecureSum:
         """Step 3: collect the shares that remove the masks of the sum, and decode it."""
         survivors = sorted(self.masked)
-        gone = [v for v in self.senders if v not in self.masked]
+        gone = sorted({v for u in survivors for v in self.senders[u]} - set(survivors))
         by_index = {i: w for w, i in self.index.items()}
         answering = {by_index[i]: self.alive[by_index[i]] for i in survivors if by_index[i] in self.alive}
         if len(answering) < self.t:
             self._enough("unmask")
-        got = self._run({wid: _call(w, "fedws.secagg.reveal", [self.round_id, survivors, gone])
-                         for wid, w in answering.items()})
+        split: dict[str, list[int]] = {}
+        calls = {}
+        for wid, w in answering.items():
+            me = self.index[wid]
+            mine = sorted([me, *self.senders[me]])
+            split[wid] = [v for v in mine if v in self.masked] + [v for v in mine if v not in self.masked]
+            calls[wid] = _call(w, "fedws.secagg.reveal", [self.round_id, [v for v in mine if v in self.masked],
+                                                          [v for v in mine if v not in self.masked]])
+        got = self._run(calls)
         if len(got) < self.t:
             self._enough("unmask")
             raise RoundFailedError(f"secure aggregation: only {len(got)} nodes revealed, the threshold is {self.t}",
                                    round=self.round_number)
         points: dict[int, list[tuple[int, int]]] = {v: [] for v in survivors + gone}
         for wid, rows in got.items():
+            order = split[wid]
             if not (isinstance(rows, torch.Tensor) and rows.dtype == torch.uint8
-                    and tuple(rows.shape) == (len(survivors) + len(gone), SHARE_BYTES)):
+                    and tuple(rows.shape) == (len(order), SHARE_BYTES)):
                 continue  # a malformed answer is no answer
             x = self.index[wid]
-            for k, v in enumerate(survivors + gone):
+            for k, v in enumerate(order):
                 points[v].append((x, int.from_bytes(rows[k].numpy().tobytes(), "big")))
+        short = [by_index[v] for v, pts in points.items() if len(pts) < self.t]
+        if short:
+            self.forget()
+            raise RoundFailedError(
+                f"secure aggregation: too few shares came back to unmask nodes {short} (the threshold is "
+                f"{self.t}); nothing was revealed", round=self.round_number, dropped=dict(self.dropped))
         length = self.masked[survivors[0]].numel()
         total = torch.zeros(length, dtype=torch.int64)
         for u in survivors:
@@ -265,6 +337,8 @@ class SecureAggregation:
         for v in gone:
             s_sk = shamir_combine(points[v], self.t)
             for u in survivors:
+                if v not in self.senders[u]:
+                    continue
                 m = prg(pair_seed(self.round_id, s_sk, self.public[u][32:], u, v), length)
                 if u < v:
                     total.sub_(m)
@@ -285,6 +359,8 @@ def secure_sum(
     threshold: int | None = None,
     *,
     weights: Mapping[Worker, float] | None = None,
+    neighbours: int | None = None,
+    dp: tuple[float, float, Sequence[torch.Tensor] | None] | None = None,
     timeout: float = 60.0,
     round_number: int = 0,
 ) -> SecureSum:
@@ -296,17 +372,22 @@ def secure_sum(
         threshold: ``t`` (default: a strict majority); the sum survives ``n - t`` dropouts.
         weights: each node's weight (e.g. its example count; default 1). The sum of the
             survivors' weights comes back in :attr:`SecureSum.total_weight`.
+        neighbours: ``k``: SecAgg+, each node masks with ``k`` graph neighbours only.
+        dp: ``(clip, noise_multiplier, reference)``: each node clips ``update - reference``
+            to ``clip`` and adds ``N(0, (noise_multiplier * clip)^2)`` before masking (then
+            weights it); see :mod:`fedws.fl.dp` for how FedAvg sets the noise.
         timeout: seconds each of the four steps waits for the nodes.
 
     Raises:
         RoundFailedError: fewer than ``threshold`` nodes remained; nothing was revealed.
     """
     workers = list(updates_by_node)
-    agg = SecureAggregation(workers, threshold, timeout=timeout, round_number=round_number)
+    agg = SecureAggregation(workers, threshold, neighbours=neighbours, timeout=timeout, round_number=round_number)
     agg.advertise_keys()
     agg.share_keys()
     agg.collect_masked(
         {w.id: updates_by_node[w] for w in workers},
         None if weights is None else {w.id: float(weights[w]) for w in workers},
+        dp,
     )
     return agg.unmask()

@@ -9,20 +9,29 @@ The node commands, in protocol order (``rid`` is the coordinator's name for the 
 state is kept per caller session and round, never in the object store, so no ``get`` can
 reach it):
 
-1. ``fedws.secagg.keys(rid, index, n, t)``: two fresh X25519 key pairs — ``c`` to encrypt
-   shares for peers, ``s`` to agree pairwise mask seeds. Returns the two public keys
-   (a 64-byte uint8 tensor). ``index`` (1..n) is this node's Shamir x-coordinate.
+1. ``fedws.secagg.keys(rid, index, n, t, k=None)``: two fresh X25519 key pairs — ``c`` to
+   encrypt shares for peers, ``s`` to agree pairwise mask seeds. Returns the two public keys
+   (a 64-byte uint8 tensor). ``index`` (1..n) is this node's Shamir x-coordinate. With
+   ``k`` (SecAgg+, Bell et al. CCS 2020) the node's peers are only its neighbours on the
+   round's graph (:func:`neighbourhood`, which the node computes itself from ``rid``, so
+   the coordinator cannot hand it a neighbourhood of its choosing), and ``t`` is the
+   threshold within its closed neighbourhood; without ``k`` every node is a peer.
 2. ``fedws.secagg.share(rid, indices, public_keys)``: the peers that advertised keys (at
    least ``t``). Draws the self-mask seed ``b``, Shamir-shares ``b`` and the ``s`` private
    key over GF(2^521 - 1) with threshold ``t``, and encrypts each peer's pair of shares to
    it (AES-GCM under a key agreed with the peer's ``c`` key). Returns one ciphertext row
    per entry of ``indices`` (its own row zero).
-3. ``fedws.secagg.mask(rid, senders, ciphertexts, update, weight)``: decrypts the shares
+3. ``fedws.secagg.mask(rid, senders, ciphertexts, update, weight, dp=None)``: decrypts the shares
    the peers in ``senders`` made for it (at least ``t - 1`` peers), encodes
    ``weight * update`` (the stored tensors, by reference, then ``weight`` itself) in fixed
    point into Z/2^64 and adds the self-mask ``PRG(b)`` and ``±PRG(s_uv)`` for every
    sender ``v`` (``+`` when this node's index is smaller). Once per round: a second masked
    vector with the same masks would give away the difference of the two inputs.
+   ``dp = [clip, noise_multiplier, reference]``: before encoding, the update minus
+   ``reference`` (inline tensors: the model the node was sent) is clipped to L2 norm
+   ``clip`` and gets Gaussian noise of std ``noise_multiplier * clip`` from the node's
+   generator (:func:`fedws.node.policy.clip_and_noise`); the noised update is never stored,
+   only its masked encoding leaves. See "Differential privacy" below.
 4. ``fedws.secagg.reveal(rid, survivors, dropped)``: the shares the coordinator needs to
    unmask the sum: of ``b`` for each survivor, of the ``s`` key for each dropout. Once per
    round, only for a partition of the senders with at least ``t`` survivors, and never
@@ -31,9 +40,15 @@ reach it):
 Masks are ChaCha20 keystreams keyed by HKDF-SHA256 outputs (seeds bound to the round
 id), never torch's generator; keys come from :mod:`secrets` via ``cryptography``. Every
 size is checked before anything is allocated, and on a private node the caller's
-principal needs the ``secagg`` permission. A masked vector derived from private data
-stays private (the node's usual taint rule): secure aggregation does not widen what may
-leave a node, it hides which node sent what.
+principal needs the ``secagg`` permission.
+
+Differential privacy: secure aggregation does not widen what may leave a node, it hides
+which node sent what. On a private node, masking an update derived from private data is
+refused unless it is noised (``dp=``) under the node's DP release rule: the caller's
+principal needs ``dp``, the noise multiplier is at least the rule's (the node trusts
+neither the coordinator nor the other nodes to add the rest of the noise the sum carries),
+and the masked vector is one release charged to the principal's budget. An update of
+non-private values is noised as asked and charged nothing.
 
 Fixed point: a value ``x`` (after weighting) is clipped to ``[-CLIP, CLIP]`` and encoded
 as ``round(x * 2**FRAC_BITS)`` in int64 (two's complement, arithmetic wraps mod 2^64).
@@ -44,6 +59,8 @@ below 2^57, so it decodes without wrapping; the precision is ``2**-16`` per valu
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -52,10 +69,12 @@ from typing import Any
 
 import torch
 
+from .policy import clip_and_noise
+
 __all__ = [
     "MAX_PARTICIPANTS", "MAX_ELEMENTS", "MAX_ROUNDS", "FRAC_BITS", "CLIP", "PRIME", "SHARE_BYTES",
     "KEY_BYTES", "CIPHER_BYTES", "encode_fixed", "decode_fixed", "prg", "pair_seed", "shamir_split",
-    "shamir_combine", "node_ops",
+    "shamir_combine", "graph", "ring_order", "neighbourhood", "neighbourhood_size", "node_ops",
 ]
 
 MAX_PARTICIPANTS = 1024
@@ -77,6 +96,41 @@ _PLAIN_BYTES = 4 + 2 * SHARE_BYTES
 CIPHER_BYTES = 12 + _PLAIN_BYTES + 16
 """A nonce, the sender and recipient index, two shares, the GCM tag."""
 _MAX_RID = 64
+
+
+def neighbourhood_size(n: int, k: int | None) -> int:
+    """How many nodes (itself included) share a node's secrets: ``n`` for SecAgg, else
+    ``k`` rounded up to even, plus one, at most ``n`` (the graph is a ring of ``k/2`` each side)."""
+    if k is None:
+        return n
+    return min(n, 2 * ((k + 1) // 2) + 1)
+
+
+def graph(rid: str, n: int, k: int | None) -> dict[int, frozenset[int]]:
+    """Every node's closed neighbourhood (itself included) on round ``rid``'s graph.
+
+    SecAgg+'s graph: the nodes 1..n in a random order on a ring (ordered by SHA-256 of the
+    round id and the index, so every node derives the same graph and the coordinator only
+    picks the round id), each joined to the ``ceil(k/2)`` nearest on either side: a
+    ``2 * ceil(k/2)``-regular graph. ``k=None`` or ``k >= n - 1``: everyone (SecAgg).
+    """
+    size = neighbourhood_size(n, k)
+    if size >= n:
+        everyone = frozenset(range(1, n + 1))
+        return {i: everyone for i in everyone}
+    ring = ring_order(rid, n)
+    half = (size - 1) // 2
+    return {ring[at]: frozenset(ring[(at + d) % n] for d in range(-half, half + 1)) for at in range(n)}
+
+
+def ring_order(rid: str, n: int) -> list[int]:
+    """The indices 1..n in round ``rid``'s ring order (SecAgg+'s graph)."""
+    return sorted(range(1, n + 1), key=lambda i: hashlib.sha256(f"fedws secagg graph|{rid}|{i}".encode()).digest())
+
+
+def neighbourhood(rid: str, n: int, k: int | None, index: int) -> frozenset[int]:
+    """The closed neighbourhood of ``index`` on round ``rid``'s graph (:func:`graph`)."""
+    return graph(rid, n, k)[index]
 
 
 @functools.cache
@@ -190,6 +244,7 @@ class _Round:
     index: int
     n: int
     t: int
+    peers: frozenset[int]  # the closed neighbourhood: who shares with and masks against this node
     c_key: Any  # X25519PrivateKey objects: parsing raw bytes again costs more than agreeing
     s_key: Any
     s_sk: bytes  # the raw mask key, to share
@@ -229,6 +284,29 @@ def _rows(value: Any, k: int, width: int, what: str) -> torch.Tensor:
     return value.contiguous()
 
 
+def _dp_args(dp: Any, update: list[torch.Tensor]) -> tuple[float, float, list[torch.Tensor] | None] | None:
+    """``dp = [clip, noise_multiplier, reference]`` checked: numbers finite, the reference
+    (or None) one floating-point tensor of each update entry's shape."""
+    if dp is None:
+        return None
+    if not isinstance(dp, (list, tuple)) or len(dp) != 3:
+        raise ValueError("secagg: dp must be [clip, noise_multiplier, reference]")
+    clip, z, ref = dp
+    if type(clip) not in (int, float) or not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"secagg: the dp clip must be a finite number > 0, got {clip!r}")
+    if type(z) not in (int, float) or not (math.isfinite(z) and z >= 0):
+        raise ValueError(f"secagg: the dp noise multiplier must be a finite number >= 0, got {z!r}")
+    if ref is not None and (
+        not isinstance(ref, (list, tuple)) or len(ref) != len(update)
+        or not all(type(r) is torch.Tensor and r.dtype.is_floating_point and r.device.type == "cpu"
+                   and r.shape == u.shape for r, u in zip(ref, update))
+    ):
+        raise ValueError("secagg: the dp reference must hold one floating-point tensor of the same shape per update entry")
+    if not all(u.dtype.is_floating_point for u in update):
+        raise ValueError("secagg: a noised update must be floating-point tensors")
+    return float(clip), float(z), None if ref is None else list(ref)
+
+
 def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
     """The ``fedws.secagg.*`` commands of ``node`` (a :class:`~fedws.node.Node`, untyped so
     this module does not import it back), with their state and permission check."""
@@ -251,12 +329,16 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
             raise ValueError(f"secagg: round {key[2]!r} is at step {st.step!r}, not {step!r}: each step runs once")
         return key, st
 
-    def keys(rid: Any, index: Any, n: Any, t: Any) -> torch.Tensor:
+    def keys(rid: Any, index: Any, n: Any, t: Any, k: Any = None) -> torch.Tensor:
         key = caller_key(rid)
         if type(n) is not int or not 2 <= n <= MAX_PARTICIPANTS:
             raise ValueError(f"secagg: n must be an int in [2, {MAX_PARTICIPANTS}], got {n!r}")
-        if type(t) is not int or not n // 2 < t <= n:
-            raise ValueError(f"secagg: the threshold must be an int with n/2 < t <= n, got {t!r} for n={n}")
+        if k is not None and (type(k) is not int or not 2 <= k < n):
+            raise ValueError(f"secagg: k (neighbours) must be None or an int in [2, n), got {k!r}")
+        size = neighbourhood_size(n, k)
+        if type(t) is not int or not size // 2 < t <= size:
+            raise ValueError(f"secagg: the threshold must be an int with m/2 < t <= m for the m={size} nodes "
+                             f"sharing a node's secrets, got {t!r} (n={n}, k={k})")
         index = _index(index, n, "index")
         _, x25519, _, _, _, _ = _crypto()
         from cryptography.hazmat.primitives import serialization as ser
@@ -269,7 +351,7 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
                 raise ValueError(f"secagg: round {key[2]!r} already exists on this node")
             if len(mine) >= MAX_ROUNDS:
                 raise ValueError(f"secagg: this session already has {MAX_ROUNDS} unfinished rounds (forget one)")
-            rounds[key] = st = _Round(index, n, t, c, s, s.private_bytes(*raw))
+            rounds[key] = st = _Round(index, n, t, neighbourhood(key[2], n, k, index), c, s, s.private_bytes(*raw))
         pub = c.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw) + s.public_key().public_bytes(
             ser.Encoding.Raw, ser.PublicFormat.Raw
         )
@@ -279,8 +361,9 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
     def share(rid: Any, indices: Any, public_keys: Any) -> torch.Tensor:
         key, st = get(rid, "keys")
         idx = _indices(indices, st.n, "indices")
-        if st.index not in idx or len(idx) < st.t:
-            raise ValueError(f"secagg: need at least t={st.t} advertised keys including this node's")
+        if st.index not in idx or len(idx) < st.t or not set(idx) <= st.peers:
+            raise ValueError(f"secagg: need at least t={st.t} advertised keys of this node's neighbourhood, "
+                             "including its own")
         rows = _rows(public_keys, len(idx), KEY_BYTES, "public_keys")
         pubs = {i: bytes(rows[k].numpy().tobytes()) for k, i in enumerate(idx)}
         if pubs[st.index] != st.public[st.index]:
@@ -310,7 +393,7 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         shared = c_key.exchange(x25519.X25519PublicKey.from_public_bytes(c_pk))
         return _hkdf(shared, f"fedws secagg enc|{rid}|{min(u, v)}|{max(u, v)}".encode())
 
-    def mask(rid: Any, senders: Any, ciphertexts: Any, update: Any, weight: Any) -> torch.Tensor:
+    def mask(rid: Any, senders: Any, ciphertexts: Any, update: Any, weight: Any, dp: Any = None) -> torch.Tensor:
         key, st = get(rid, "share")
         idx = _indices(senders, st.n, "senders")
         if st.index in idx or any(v not in st.public for v in idx) or len(idx) + 1 < st.t:
@@ -326,7 +409,9 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
         length = sum(x.numel() for x in update) + 1
         if length > MAX_ELEMENTS:
             raise ValueError(f"secagg: at most {MAX_ELEMENTS} elements, got {length}")
+        noise = _dp_args(dp, list(update))
         node.budget.check(8 * length * 4, node.store.nbytes, "fedws.secagg.mask", op="fedws.secagg.mask")
+        release = release_rule(noise)
         _, _, _, _, AESGCM, _ = _crypto()
         received: dict[int, tuple[int, int]] = {}
         for k, v in enumerate(idx):
@@ -340,9 +425,15 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
                 raise ValueError(f"secagg: the shares from node {v} name the wrong pair")
             received[v] = (_from_bytes(plain[4:4 + SHARE_BYTES]), _from_bytes(plain[4 + SHARE_BYTES:]))
         assert st.b is not None and st.own_shares is not None
+        if release is not None:
+            release = charge(release)  # before the step moves: a refused charge leaves nothing masked
         st.step = "masked"  # from here on, never mask again (even if what follows fails)
         st.received = {**received, st.index: st.own_shares}
-        x = torch.cat([t.detach().reshape(-1).to(torch.float64) * float(weight) for t in update]
+        values = list(update)
+        if noise is not None:
+            z = noise[1] if release is None else release["noise_multiplier"]
+            values = clip_and_noise([t.detach().to(torch.float64) for t in update], noise[0], z, noise[2])
+        x = torch.cat([t.detach().reshape(-1).to(torch.float64) * float(weight) for t in values]
                       + [torch.tensor([float(weight)], dtype=torch.float64)])
         y = encode_fixed(x)
         y.add_(prg(self_seed(key[2], st.b), length))
@@ -352,7 +443,32 @@ def node_ops(node: Any) -> dict[str, Callable[..., Any]]:
                 y.add_(m)
             else:
                 y.sub_(m)
+        if release is not None:
+            node._frame.dp_released = True  # the masked vector is the release: stored as not private
+            if node.audit.enabled:
+                node.audit.released(node._frame.caller, -1, 8 * length, "dp-secagg", **release)
         return y
+
+    def release_rule(noise: tuple[float, float, list[torch.Tensor] | None] | None) -> dict[str, Any] | None:
+        """What a private update's masked release needs (checked before any work): a DP
+        rule, the ``dp`` permission, and noise; None for non-private values."""
+        state = node._frame
+        if not (node.enforce and state.tainted):
+            return None
+        rule = node.policy.dp
+        if rule is None:
+            raise node._deny(f"worker {node.id!r} has no differentially private release rule: its private "
+                             "values cannot leave through secure aggregation", op="fedws.secagg.mask")
+        if noise is None:
+            raise node._deny(f"worker {node.id!r} refuses an unnoised masked release of private values: "
+                             "secure aggregation hides who sent what, not the sum; pass dp=[clip, "
+                             "noise_multiplier, reference] (FedAvg(dp=...))", op="fedws.secagg.mask")
+        node._require(state.caller, "dp")
+        return {"noise_multiplier": max(noise[1], rule.noise_multiplier), "delta": rule.delta}
+
+    def charge(release: dict[str, Any]) -> dict[str, Any]:
+        eps = node.accountant.charge(node._frame.caller.principal, worker=node.id)
+        return {**release, "epsilon": round(eps, 6)}
 
     def reveal(rid: Any, survivors: Any, dropped: Any) -> torch.Tensor:
         key, st = get(rid, "masked")

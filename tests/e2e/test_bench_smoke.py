@@ -26,3 +26,12 @@ def test_bench_plans_quick_prints_ratios() -> None:
     # Message counts do not depend on timing: a plan call and its get are two messages.
     plan_rows = re.findall(r"^\s+plan\s+([\d.]+)\s", out.stdout, re.M)
     assert plan_rows == ["2.0", "2.0"], out.stdout
+
+
+def test_bench_secagg_quick_prints_ratios() -> None:
+    secagg = BENCH.parent / "bench_secagg.py"
+    out = subprocess.run([sys.executable, "-W", "ignore", str(secagg), "--quick"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(re.findall(r"^\s+\d+ \|\s+\d+ms \|\s+\d+ms \|\s+[\d.]+x", out.stdout, re.M)) == 2, out.stdout
+    assert re.search(r"SecAgg\+ \(k=2\) round \d+ms: [\d.]+x plain", out.stdout), out.stdout

@@ -23,7 +23,16 @@ from fedws.fl import FedAvg, FedAvgConfig
 from fedws.fl.secagg import SecureAggregation, _call, secure_sum
 from fedws.node import Node
 from fedws.node.policy import Policy
-from fedws.node.secagg import FRAC_BITS, MAX_PARTICIPANTS, encode_fixed, shamir_combine, shamir_split
+from fedws.node.secagg import (
+    FRAC_BITS,
+    MAX_PARTICIPANTS,
+    encode_fixed,
+    graph,
+    neighbourhood,
+    ring_order,
+    shamir_combine,
+    shamir_split,
+)
 from fedws.protocol.codec import ObjRef, decode, encode_bytes
 from fedws.protocol.messages import Kind
 
@@ -258,7 +267,7 @@ def test_sizes_are_bounded_before_anything_is_made() -> None:
     c = Client(Node("bob"), "local", "s" * 32)
     for args, why in (
         (["r", 1, MAX_PARTICIPANTS + 1, 600], "n must be"),
-        (["r", 1, 4, 2], "n/2 < t"),  # a minority could unmask
+        (["r", 1, 4, 2], "m/2 < t"),  # a minority could unmask
         (["r", 5, 4, 3], "index must be"),
         (["x" * 65, 1, 4, 3], "round id"),
     ):
@@ -315,3 +324,88 @@ def test_on_private_nodes_masking_private_data_does_not_release_it() -> None:
     with pytest.raises(RuntimeError, match="PermissionDenied|private"):
         mask(0, 1000)  # bob's served data: masked, but still private; it does not leave
     assert mask(1, 500).dtype == torch.int64 and mask(2, 500).dtype == torch.int64
+
+
+# -- SecAgg+ (Bell et al. 2020): masks with k neighbours only ------------------------------
+
+
+def _plus(ws: list[sy.Worker], k: int, t: int | None = None) -> SecureAggregation:
+    agg = SecureAggregation(ws, t, neighbours=k, timeout=30.0)
+    agg.advertise_keys()
+    return agg
+
+
+@pytest.mark.parametrize("dropouts", [0, 1])
+def test_secagg_plus_sum_is_exact_and_each_node_works_with_its_neighbours_only(
+    make_worker: MakeWorker, dropouts: int
+) -> None:
+    ws = _workers(make_worker, 5)  # k=2: a ring, closed neighbourhoods of 3, t=2: one dropout each
+    xs = [torch.randn(3, 2, generator=torch.Generator().manual_seed(i)) * 5 for i in range(5)]
+    agg = _plus(ws, 2)
+    assert agg.t == 2 and all(len(p) == 3 for p in agg.peers.values())
+    agg.share_keys()
+    assert all(len(order) == 3 for order in agg.share_order.values())  # O(k) keys and shares, not O(n)
+    updates = {w.id: [x.send(w)] for w, x in zip(ws, xs)}
+    if dropouts:  # fails after sharing: its neighbours masked with it, its key is rebuilt
+        updates[ws[2].id] = [torch.zeros(3, 2, dtype=torch.bool).send(ws[2])]
+    agg.collect_masked(updates)
+    assert all(len(s) == 2 for s in agg.senders.values())  # masks with its 2 neighbours
+    keep = [i for i in range(5) if not (dropouts and i == 2)]
+    total = agg.unmask()
+    assert torch.equal(_exact(total.tensors[0]), _expected(xs, [1.0] * 5, keep))
+    assert total.total_weight == len(keep)
+
+
+def test_secagg_plus_survives_threshold_dropouts_in_a_neighbourhood(hook: sy.TorchHook) -> None:
+    ws = [sy.VirtualWorker(hook, id=f"n{i}") for i in range(8)]
+    agg = _plus(ws, 4)  # neighbourhoods of 5, t = 3: two dropouts in one neighbourhood
+    assert agg.t == 3
+    ring = ring_order(agg.round_id, 8)
+    early, late = ws[ring[0] - 1], ws[ring[1] - 1]  # ring neighbours: in four common neighbourhoods
+    agg.drop(early.id, "vanished")  # before sharing: nobody masks with it
+    agg.share_keys()
+    xs = [torch.full((4,), float(i + 1)) for i in range(8)]
+    updates = {w.id: [x.send(w)] for w, x in zip(ws, xs)}
+    updates[late.id] = [torch.zeros(4, dtype=torch.bool).send(late)]  # fails after sharing
+    agg.collect_masked(updates)
+    total = agg.unmask()
+    keep = [i for i, w in enumerate(ws) if w not in (early, late)]
+    assert total.tensors[0].tolist() == [float(sum(i + 1 for i in keep))] * 4
+    assert torch.equal(_exact(total.tensors[0]), _expected(xs, [1.0] * 8, keep))
+    # three neighbours failing after they shared leave too few shares of the middle one's key
+    agg = _plus(ws, 4)
+    agg.share_keys()
+    bad = {ws[i - 1].id for i in ring_order(agg.round_id, 8)[:3]}
+    agg.collect_masked({w.id: [torch.ones(4, dtype=torch.bool if w.id in bad else torch.float32).send(w)]
+                        for w in ws})
+    with pytest.raises(RoundFailedError, match="too few shares.*nothing was revealed"):
+        agg.unmask()
+
+
+def test_secagg_plus_masked_update_is_uniform(make_worker: MakeWorker) -> None:
+    ws = _workers(make_worker, 5)
+    size = 8192
+    structured = torch.where(torch.arange(size) % 2 == 0, 0.0, 1000.0)
+    agg = _plus(ws, 2)
+    agg.share_keys()
+    agg.collect_masked({w.id: [(structured if i == 0 else torch.zeros(size)).send(w)] for i, w in enumerate(ws)})
+    agg.forget()
+    y = agg.masked[1]
+    assert len(agg.senders[1]) == 2
+    assert _chi2_uniform(y.view(torch.uint8)) < CHI2_LIMIT
+    top = (y[:size] >> 56) & 0xFF
+    assert _chi2_uniform(top) < CHI2_LIMIT and _chi2_same(top[0::2], top[1::2]) < CHI2_LIMIT
+
+
+def test_a_node_derives_its_own_neighbourhood() -> None:
+    node = Node("bob")
+    c = Client(node, "lab", "s" * 32)
+    c.call("fedws.secagg.keys", ["g", 1, 8, 3, 4])
+    mine = sorted(neighbourhood("g", 8, 4, 1))
+    outsider = next(i for i in range(1, 9) if i not in mine)
+    keys = torch.zeros(5, 64, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="neighbourhood"):  # a peer the graph does not give it
+        c.call("fedws.secagg.share", ["g", sorted([*mine[:4], outsider]), keys])
+    with pytest.raises(RuntimeError, match="m/2 < t"):  # t counts within the 5-node neighbourhood
+        c.call("fedws.secagg.keys", ["h", 1, 8, 2, 4])
+    assert graph("g", 8, 4)[1] == frozenset(mine) and len(graph("g", 8, None)[1]) == 8
