@@ -317,9 +317,12 @@ def plan_digest(seed: int, cfg: FedAvgConfig, optimizer: str = "sgd", strategy: 
 
 
 def train_central(model: nn.Module, x: torch.Tensor, y: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
-                  cfg: FedAvgConfig) -> list[tuple[float, float]]:
-    """Plain minibatch SGD on the pooled data, same budget of epochs as the federation."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+                  cfg: FedAvgConfig, optimizer: str = "sgd") -> list[tuple[float, float]]:
+    """Plain minibatch training on the pooled data: the nodes' optimizer and budget of epochs."""
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     curve = []
     for _round in range(cfg.rounds):
@@ -453,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # what the library refuses, refused here: before any node starts
         check_combination(args, nodes)
     except ValueError as exc:
-        parser.exit(2, f"federated_demo: error: {str(exc).splitlines()[0]}\n")
+        chosen = [f"--strategy {args.strategy}"] + [flag for flag, on in (
+            ("--secure-agg", args.secure_agg), (f"--dp-epsilon {args.dp_epsilon:g}", args.dp_epsilon is not None),
+            ("--trusted", args.trusted)) if on]
+        parser.exit(2, f"federated_demo: error: {' '.join(chosen)} do not combine: {str(exc).splitlines()[0]}\n")
     if args.print_digest:
         print(plan_digest(args.seed, cfg, args.optimizer, args.strategy))
         return 0
@@ -521,7 +527,7 @@ def train_locally(args: argparse.Namespace, cfg: FedAvgConfig, data: DemoData, t
         t_fed = time.perf_counter() - t_fed
 
     t_central = time.perf_counter()
-    central = train_central(make_model(args.seed), *data.train, data.test, cfg)
+    central = train_central(make_model(args.seed), *data.train, data.test, cfg, args.optimizer)
     t_central = time.perf_counter() - t_central
     fed_acc, central_acc = history[-1].test_accuracy, central[-1][1]
     print(f"\ntest accuracy after {cfg.rounds} rounds x {cfg.local_epochs} local epochs:")
