@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,19 +184,28 @@ def network_federation(
     # fight over the cores for a model this small.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with contextlib.ExitStack() as stack:
-        nodes = []
-        for config in configs:
+        def start(config: Path) -> Any:
             # The operator's part: approve the plans this run needs, keep an audit log.
             audit = WORKERS / "run" / f"audit-{config.stem}.jsonl"
             extra = [a for d in approved for a in ("--approve-plan", d)] + ["--audit-log", str(audit)]
+            return start_node(config, extra_args=extra)
+
+        # All at once: each node spends its start-up importing torch.
+        with ThreadPoolExecutor(len(configs)) as pool:
+            starting = [pool.submit(start, c) for c in configs]
+        nodes, failed = [], None
+        for config, future in zip(configs, starting):
             try:
-                n = start_node(config, extra_args=extra)
+                n = future.result()
             except RuntimeError as exc:
-                last = [line for line in str(exc).splitlines() if line.strip()][-1]
-                raise SystemExit(f"federated_demo: cannot start {config.stem}: {last.strip()} — to train on "
-                                 "nodes already running, use --nodes URL,URL (see --help)") from None
+                failed = failed or (config, exc)
+                continue
             stack.callback(n.stop)
             nodes.append(n)
+        if failed is not None:
+            last = [line for line in str(failed[1]).splitlines() if line.strip()][-1]
+            raise SystemExit(f"federated_demo: cannot start {failed[0].stem}: {last.strip()} — to train on "
+                             "nodes already running, use --nodes URL,URL (see --help)")
         for n in nodes:
             print(f"  node {n.id:<8} pid {n.pid:<7} {n.url}")
         workers = [stack.enter_context(sy.connect(n.url)) for n in nodes]
@@ -457,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         check_combination(args, nodes)
     except ValueError as exc:
         chosen = [f"--strategy {args.strategy}"] + [flag for flag, on in (
-            ("--secure-agg", args.secure_agg), (f"--dp-epsilon {args.dp_epsilon:g}", args.dp_epsilon is not None),
+            ("--secure-agg", args.secure_agg), (f"--dp-epsilon {args.dp_epsilon}", args.dp_epsilon is not None),
             ("--trusted", args.trusted)) if on]
         parser.exit(2, f"federated_demo: error: {' '.join(chosen)} do not combine: {str(exc).splitlines()[0]}\n")
     if args.print_digest:
