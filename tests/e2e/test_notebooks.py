@@ -160,15 +160,27 @@ def check_05_secure_aggregation_dp(nb) -> None:
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])), "no plot"
 
 
-IN_PROCESS = {"05_secure_aggregation_dp"}  # VirtualWorkers only, by design: no node to start
+
+def check_04_strategies_non_iid(nb) -> None:
+    text = all_text(nb)
+    finals = dict(re.findall(r"(?m)^(\w+) +central acc ([\d.]+) +per node:", text))
+    assert set(finals) >= {"fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"}, text[-2000:]
+    assert float(finals["fedavg"]) > 0.3
+    assert re.search(r"\| fedavg \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", text)  # the table
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o["output_type"] == "display_data" and "image/png" in o["data"]]
+    assert len(images) >= 3, "the split, per-round and per-node plots"
 
 
 CHECKS = {
     "01_remote_tensors": check_01_remote_tensors,
     "02_plans": check_02_plans,
     "03_federated_training": check_03_federated_training,
+    "04_strategies_non_iid": check_04_strategies_non_iid,
     "05_secure_aggregation_dp": check_05_secure_aggregation_dp,
 }
+# Notebooks that use in-process VirtualWorkers only (no node process to leak or print).
+IN_PROCESS = {"04_strategies_non_iid", "05_secure_aggregation_dp"}
 
 
 # -- the tests --------------------------------------------------------------------------------
