@@ -297,7 +297,10 @@ def dp_config(args: argparse.Namespace) -> DPConfig | None:
     if not args.dp_epsilon > 0:
         raise ValueError(f"--dp-epsilon must be > 0, got {args.dp_epsilon}")
     delta = 1e-5
-    return DPConfig(mode=args.dp_mode, clip=args.dp_clip, delta=delta,
+    # With --secure-agg the coordinator never sees one node's update to clip: the nodes add
+    # their shares of the noise under the mask (distributed DP) unless told otherwise.
+    mode = args.dp_mode or ("distributed" if args.secure_agg else "central")
+    return DPConfig(mode=mode, clip=args.dp_clip, delta=delta,
                     noise_multiplier=noise_for_epsilon(args.dp_epsilon, args.rounds, delta))
 
 
@@ -442,10 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dp-epsilon", type=float, metavar="E",
                         help="differential privacy: noise calibrated so that epsilon after --rounds rounds is at "
                              "most E (delta 1e-5); see --dp-mode")
-    parser.add_argument("--dp-mode", choices=("central", "local"), default="central",
+    parser.add_argument("--dp-mode", choices=("central", "local", "distributed"), default=None,
                         help="central (default: the coordinator clips each update and noises their average; "
-                             "the noise is divided by the node count, so it costs far less accuracy) or local "
-                             "(each node clips and noises its own update before it leaves)")
+                             "the noise is divided by the node count, so it costs far less accuracy), local "
+                             "(each node clips and noises its own update before it leaves) or distributed "
+                             "(default with --secure-agg: each node adds its share of the noise under the mask)")
     parser.add_argument("--dp-clip", type=float, default=1.0, help="L2 bound of one node's update under DP (default 1)")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--non-iid", action="store_true", help="shard with skewed label sets per node")

@@ -85,7 +85,8 @@ def test_dp_epsilon_and_strategy_names(demo: ModuleType, trainers: list[Any], ca
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--secure-agg", "--dp-epsilon", "5"), "dp= and secure_aggregation=True do not combine"),
+    (("--secure-agg", "--dp-epsilon", "5", "--dp-mode", "central"), "central DP clips each update on the coordinator"),
+    (("--dp-epsilon", "5", "--dp-mode", "distributed"), "needs secure_aggregation"),
     (("--dp-epsilon", "5", "--strategy", "fedprox"), "dp= works with the fedavg strategy only"),
     (("--secure-agg", "--strategy", "krum"), "needs every node's model"),
     (("--trusted", "--strategy", "fedmedian"), "needs every node's model"),
