@@ -30,6 +30,7 @@ from torch import nn
 from ..client.worker import Worker
 from ..exceptions import PlanError, PointerError, RoundFailedError
 from ..pointers import PointerTensor
+from .aggregate import RunningAverage
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, Privacy, start_dp_release
@@ -46,7 +47,6 @@ from .local_training import (
 )
 from .metrics import Metric
 from .progress import progress_bar
-from .aggregate import RunningAverage
 from .remote import Deadline, first_error, stream_all, wait_all
 from .sampling import select_nodes
 from .secagg import secure_sum

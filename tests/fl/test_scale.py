@@ -17,7 +17,7 @@ from fedws.client.session import Session
 from fedws.fl import FedAvg, FedAvgConfig
 from fedws.fl import fedavg as fedavg_module
 from fedws.fl.aggregate import RunningAverage, fedavg
-from fedws.fl.strategy import FitResult, WeightedAverageStrategy
+from fedws.fl.strategy import WeightedAverageStrategy
 from fedws.transport.inproc import InprocLink
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
