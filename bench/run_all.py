@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["bench_network.py", "bench_plans.py", "bench_plans_concurrency.py", "bench_secagg.py"]
+SCRIPTS = ["bench_network.py", "bench_plans.py", "bench_plans_concurrency.py", "bench_secagg.py", "bench_scale.py"]
 # Scripts that take --quick; every benchmark should.
 ACCEPTS_QUICK = set(SCRIPTS)
 TIMEOUT_S = 900  # per script; a hung benchmark fails the run instead of blocking it

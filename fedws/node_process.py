@@ -43,7 +43,7 @@ log = logging.getLogger("fedws.server")
 _BOUNDED_KINDS = frozenset({Kind.PING, Kind.INFO, Kind.SEARCH, Kind.GET, Kind.DELETE})
 
 
-def bounded(frame: bytes | bytearray) -> bool:
+def bounded(frame: bytes | bytearray | memoryview) -> bool:
     """Whether every request of ``frame`` is bounded work (safe to answer on the loop)."""
     kinds = peek_kinds(frame)
     return kinds is not None and all(k in _BOUNDED_KINDS for k in kinds)

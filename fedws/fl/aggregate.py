@@ -10,11 +10,20 @@ a tie rounds.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["StateDict", "Update", "fedavg", "fedavg_weights", "validate_updates", "weighted_average"]
+__all__ = [
+    "RunningAverage",
+    "StateDict",
+    "Update",
+    "fedavg",
+    "fedavg_weights",
+    "validate_updates",
+    "weighted_average",
+]
 
 StateDict = Mapping[str, torch.Tensor]
 Update = tuple[StateDict, int]
@@ -128,6 +137,95 @@ def weighted_average(values: Sequence[torch.Tensor], weights: Sequence[float]) -
             total = term if total is None else total + term
     if total is None:
         raise ValueError("weighted_average: every weight is 0")
+    if dtype.is_floating_point or dtype.is_complex:
+        return total.to(dtype)
+    if dtype == torch.bool:
+        return total >= 0.5
+    return total.round().to(dtype)
+
+
+class RunningAverage:
+    """FedAvg folded in one update at a time: ``sum(n * state)`` and ``sum(n)``, nothing else.
+
+    A round of 1,000 nodes does not have to hold 1,000 models: each update is added to a
+    float64 (complex128) running sum as it arrives and can be freed at once, so memory is
+    one model wide whatever the number of nodes. The result equals :func:`fedavg` of the
+    same updates up to float64 rounding (the sum is ``n * v`` then divided by the total,
+    where :func:`fedavg` multiplies by ``n / total``), cast back the same way. Only for
+    strategies that need nothing but the weighted mean: a median or Krum needs every update
+    at once, so those keep buffering them. ``add`` may be called from several threads.
+
+    Example:
+        >>> avg = RunningAverage()
+        >>> avg.add({"w": torch.tensor([0.0])}, 1); avg.add({"w": torch.tensor([3.0])}, 2)
+        >>> avg.result()
+        {'w': tensor([2.])}
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] | None = None
+        self._specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self.total = 0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, state: StateDict, num_examples: int) -> None:
+        """Fold one node's state in, weighted by its example count.
+
+        Raises:
+            ValueError: a negative count, or keys, shapes or dtypes that differ from the
+                first update's (checked before anything is added, so a bad update leaves the
+                sum as it was).
+        """
+        n = int(num_examples)
+        if n < 0:
+            raise ValueError(f"update {self.count} has a negative sample count ({n})")
+        with self._lock:
+            if self._sum is None:
+                validate_updates([(state, n)])
+                self._specs = {k: (v.shape, v.dtype) for k, v in state.items()}
+                self._sum = {k: torch.zeros_like(_wide(v)) for k, v in state.items()}
+            else:
+                self._check(state)
+            if n:  # a node that trained on nothing cannot bring a NaN in
+                for k, v in state.items():
+                    self._sum[k].add_(_wide(v), alpha=n)
+            self.total += n
+            self.count += 1
+
+    def _check(self, state: StateDict) -> None:
+        if set(state.keys()) != set(self._specs):
+            missing, extra = sorted(set(self._specs) - set(state)), sorted(set(state) - set(self._specs))
+            raise ValueError(f"update {self.count} does not have the keys of update 0 (missing {missing}, extra {extra})")
+        for key, (shape, dtype) in self._specs.items():
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"update {self.count}: {key!r} is a {type(value).__name__}, not a tensor")
+            if value.shape != shape or value.dtype != dtype:
+                raise ValueError(
+                    f"update {self.count}: {key!r} is {tuple(value.shape)} {value.dtype}, update 0 is {tuple(shape)} {dtype}"
+                )
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The weighted average so far, in the keys (order) and dtypes of the first update.
+
+        Raises:
+            ValueError: nothing was added, or every update had 0 examples.
+        """
+        with self._lock:
+            if self._sum is None:
+                raise ValueError("fedavg needs at least one update")
+            if self.total == 0:
+                raise ValueError("fedavg: every update has 0 examples, nothing to weigh them by")
+            return {k: _narrow(self._sum[k] / self.total, dtype) for k, (_shape, dtype) in self._specs.items()}
+
+
+def _wide(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().to(torch.complex128 if value.dtype.is_complex else torch.float64)
+
+
+def _narrow(total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a wide average back as :func:`weighted_average` does."""
     if dtype.is_floating_point or dtype.is_complex:
         return total.to(dtype)
     if dtype == torch.bool:

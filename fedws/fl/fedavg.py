@@ -30,6 +30,7 @@ from torch import nn
 from ..client.worker import Worker
 from ..exceptions import PlanError, PointerError, RoundFailedError
 from ..pointers import PointerTensor
+from .aggregate import RunningAverage
 from .checkpoint import load_checkpoint, restore_run_state, run_state, save_checkpoint
 from .config import FedAvgConfig
 from .dp import DPConfig, Privacy, check_dp_combination, secure_dp_aggregate, start_dp_release
@@ -46,7 +47,7 @@ from .local_training import (
 )
 from .metrics import Metric
 from .progress import progress_bar
-from .remote import Deadline, first_error, wait_all
+from .remote import Deadline, first_error, stream_all, wait_all
 from .sampling import select_nodes
 from .secagg import SecAggConfig, secure_sum
 from .strategies import get_strategy
@@ -263,7 +264,8 @@ class FedAvg:
         t0 = time.perf_counter()
         selected = select_nodes(
             cfg.sampling, self.workers, cfg.nodes_to_select(len(self.workers)),
-            seed=cfg.seed, round_number=round_number, weights=self._example_weights(),
+            seed=cfg.seed, round_number=round_number,
+            weights=self._example_weights() if cfg.sampling == "weighted" else None,  # O(all nodes): only when used
         )
         self.fit_configs = self.strategy.configure_fit(round_number, [w.id for w in selected])
         deadline = Deadline(cfg.round_timeout)
@@ -300,17 +302,30 @@ class FedAvg:
                 raise
             except Exception as exc:  # a node that fails while we queue work (link lost)
                 drop(w.id, exc)
-        results, failures = wait_all({wid: run.futures for wid, run in runs.items()}, deadline)
-        for wid, failure in failures.items():
-            drop(wid, failure)
+        # Updates are consumed as they arrive; a plain weighted mean folds each into a running
+        # sum and frees it at once (memory: one model, whatever the number of nodes).
+        running = RunningAverage() if self._streams() else None
+        results: dict[str, list[Any]] = {}
         answered: list[str] = []
-        for wid in list(results):
+
+        def arrived(wid: str, got: list[Any]) -> None:
             run = runs[wid]
             err = first_error(run.data.worker, run.start_seq, run.end_seq)
             if err is not None:
-                drop(wid, err)
-            else:
-                answered.append(wid)
+                raise err
+            if running is not None:
+                running.add(dict(zip(run.state_keys, got[2:])), run.data.num_examples)
+                got = got[:2]
+                del run.futures[2:]
+            results[wid] = got
+            answered.append(wid)
+
+        failures = stream_all({wid: run.futures for wid, run in runs.items()}, deadline, arrived)
+        for wid, failure in failures.items():
+            drop(wid, failure)
+            runs.pop(wid, None)  # its futures are cancelled; its objects on the node are deleted
+        order = {w.id: i for i, w in enumerate(selected)}
+        answered.sort(key=order.__getitem__)
         if len(answered) < cfg.min_nodes:
             reasons = "; ".join(f"{k}: {v}" for k, v in dropped.items()) or "none selected"
             raise RoundFailedError(
@@ -322,7 +337,12 @@ class FedAvg:
                 dropped={str(k): str(v) for k, v in dropped.items()},
             )
         ok_runs = [runs[wid] for wid in answered]
-        state = self._aggregate(ok_runs, {wid: results[wid] for wid in answered}, round_number)
+        if running is not None:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            assert isinstance(self.strategy, WeightedAverageStrategy)  # checked by _streams
+            state = self.strategy.apply_average(round_number, current, running.result())
+        else:
+            state = self._aggregate(ok_runs, {wid: results[wid] for wid in answered}, round_number)
         self.model.load_state_dict(state)
         seen = sum(r.examples_seen for r in ok_runs)
         train_loss = sum(float(results[r.node_id][1]) for r in ok_runs) / seen
@@ -366,6 +386,16 @@ class FedAvg:
                 self._data[wid] = data_from_search(by_id[wid], self.config, xs, ys)
             except Exception as exc:
                 drop(wid, exc)
+
+    def _streams(self) -> bool:
+        """Whether this round's updates can be folded in as they arrive: the coordinator
+        averages them itself, and the strategy needs nothing but their weighted mean (a
+        median or Krum needs every update at once, so those are buffered)."""
+        return (
+            self.aggregator is None and not self.secure_aggregation and self.dp is None
+            and isinstance(self.strategy, WeightedAverageStrategy)
+            and type(self.strategy).aggregate_fit is WeightedAverageStrategy.aggregate_fit
+        )
 
     def _example_weights(self) -> list[float]:
         """Each worker's example count for weighted sampling; one not yet seen weighs the mean."""

@@ -8,8 +8,10 @@ through :meth:`Worker.submit` and hands back futures. Nothing here is specific t
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any, TypeVar
@@ -19,7 +21,16 @@ from ..exceptions import FedwsTimeoutError, RemoteError
 from ..pointers import PointerTensor, pointer_from_description
 from ..protocol.messages import Kind
 
-__all__ = ["search_nowait", "fetch_nowait", "mark", "barrier_nowait", "first_error", "wait_all", "Deadline"]
+__all__ = [
+    "search_nowait",
+    "fetch_nowait",
+    "mark",
+    "barrier_nowait",
+    "first_error",
+    "wait_all",
+    "stream_all",
+    "Deadline",
+]
 
 
 class Deadline:
@@ -114,3 +125,76 @@ def wait_all(
         else:
             results[key] = [f.result() for f in group]
     return results, failures
+
+
+def stream_all(
+    futures: Mapping[_K, list[Future[Any]]],
+    deadline: Deadline,
+    on_done: Callable[[_K, list[Any]], None],
+) -> dict[_K, BaseException]:
+    """Like :func:`wait_all`, but hand each group to ``on_done`` as soon as it completes.
+
+    A round then consumes an update while others are still in flight (and may free it at
+    once: see :class:`fedws.fl.aggregate.RunningAverage`) instead of holding every answer
+    until the last one. ``on_done(key, results)`` runs on the calling thread, one group at
+    a time; an exception it raises becomes that group's failure. Work is O(futures): each
+    group counts its own completions, no repeated scans.
+
+    Groups still pending at the deadline fail with :class:`FedwsTimeoutError` and their
+    futures are cancelled: their answers, when they come, are dropped by the session
+    instead of being delivered to anyone (the protocol has no way to stop a node's queued
+    commands; the caller frees what they made by dropping its pointers).
+
+    Returns the failures, by key.
+    """
+    ready: queue.SimpleQueue[_K] = queue.SimpleQueue()
+    lock = threading.Lock()
+    left = {key: len(group) for key, group in futures.items()}
+
+    def counter(key: _K) -> Callable[[Future[Any]], None]:
+        def done(_f: Future[Any]) -> None:
+            with lock:
+                left[key] -= 1
+                last = left[key] == 0
+            if last:
+                ready.put(key)
+
+        return done
+
+    pending = set(futures)
+    for key, group in futures.items():
+        if not group:
+            ready.put(key)
+        for f in group:
+            f.add_done_callback(counter(key))
+    failures: dict[_K, BaseException] = {}
+    while pending:
+        try:
+            key = ready.get(timeout=deadline.remaining()) if deadline.remaining() > 0 else ready.get_nowait()
+        except queue.Empty:
+            break
+        pending.discard(key)
+        group = futures[key]
+        exc = _group_error(group)
+        if exc is not None:
+            failures[key] = exc
+            continue
+        try:
+            on_done(key, [f.result() for f in group])
+        except Exception as err:
+            failures[key] = err
+    for key in pending:
+        for f in futures[key]:
+            f.cancel()
+        failures[key] = FedwsTimeoutError(f"no answer within the {deadline.seconds:g} s round timeout")
+    return failures
+
+
+def _group_error(group: list[Future[Any]]) -> BaseException | None:
+    for f in group:
+        if f.cancelled():
+            return FedwsTimeoutError("the request was cancelled")
+        exc = f.exception()
+        if exc is not None:
+            return exc
+    return None

@@ -102,7 +102,7 @@ async def serve_frames(
     ws: Connection,
     handle: FrameHandler,
     inline: FrameHandler | None,
-    may_inline: Callable[[bytes | bytearray], bool] | None,
+    may_inline: Callable[[bytes | bytearray | memoryview], bool] | None,
     name: str,
 ) -> None:
     """Answer the frames of one connection in order until it closes.
@@ -186,7 +186,7 @@ class DialOut:
         principal: str,
         open_session: OpenSession,
         close_session: CloseSession | None = None,
-        answer_inline: Callable[[bytes | bytearray], bool] | None = None,
+        answer_inline: Callable[[bytes | bytearray | memoryview], bool] | None = None,
         ssl: ssl_module.SSLContext | None = None,
         max_frame_mb: float = 1024.0,
         connect_timeout: float = 10.0,

@@ -93,7 +93,7 @@ class FrameServer:
         handle: FrameHandler,
         *,
         handle_inline: FrameHandler | None = None,
-        answer_inline: Callable[[bytes | bytearray], bool] | None = None,
+        answer_inline: Callable[[bytes | bytearray | memoryview], bool] | None = None,
         host: str = "127.0.0.1",
         port: int = 8777,
         token: str | None = None,

@@ -1,0 +1,251 @@
+"""FedAvg round time vs number of nodes (10, 100, 1,000): does the coordinator scale?
+
+Each node holds 16 examples of an 8-feature, 2-class problem and trains a Linear(8, 2) for
+one local epoch (one minibatch): the model is tiny on purpose, so what is measured is the
+runtime's per-node cost (messages, bookkeeping, the node's interpreter), not arithmetic.
+
+Rows:
+- ``in-process``: VirtualWorkers. The nodes run inside the coordinator's process, so the
+  round's CPU time is the coordinator's AND every node's; the "node side" column is the
+  time spent inside the nodes' frame handlers, the rest is the coordinator's.
+- multi-node hosts and dial-out nodes: NOT measured here yet. They are added through
+  :data:`EXTRA_ROWS` (a name and a function ``n -> (workers, cleanup)``), which
+  :func:`measure` times with the very same round; see the hook below.
+- Flower's simulation engine at the same counts when ``flwr`` is importable; skipped with a
+  reason when it is not (it needs Ray, which this benchmark does not install).
+
+Baseline, in the same run: plain PyTorch doing the same local training N times in this
+process (no runtime at all), the floor any federated runtime pays. Printed: wall and CPU
+seconds per round (median), ms per node, linearity (ms per node at N over ms per node at
+the smallest N: 1.0 is linear), the goal "1,000 nodes <= 1 s per round" beside, and the
+coordinator's memory per connected node. A PNG of round time vs nodes goes to bench/out/.
+
+Run: ``python bench/bench_scale.py`` (``--quick``: 10 nodes, seconds). Not in ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedws as sy
+from fedws.fl import FedAvg, FedAvgConfig
+
+OUT = Path(__file__).parent / "out"
+GOAL_NODES, GOAL_SECONDS = 1000, 1.0
+ROWS, FEATURES, CLASSES = 16, 8, 2
+
+# Hook for the lead: other ways of hosting nodes, measured with the same round. Each entry
+# is (label, make) where ``make(n)`` returns ``(workers, cleanup)``: n connected workers
+# holding data made by :func:`shard`, and a function that stops whatever it started.
+# Multi-node hosts (``fedws worker --nodes N``) and dial-out nodes (``--connect``) belong
+# here once they are merged; until then they are reported as not measured.
+Factory = Callable[[int], tuple[list[sy.Worker], Callable[[], None]]]
+EXTRA_ROWS: list[tuple[str, Factory]] = []
+NOT_YET = ["multi-node hosts", "dial-out nodes"]
+
+
+def shard(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(ROWS, FEATURES, generator=g), torch.randint(0, CLASSES, (ROWS,), generator=g)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(FEATURES, CLASSES)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@dataclass
+class Row:
+    label: str
+    nodes: int
+    wall: float  # median seconds per round
+    cpu: float  # process CPU seconds per round (all threads)
+    node_cpu: float  # of which inside the nodes' frame handlers (in-process rows only)
+    messages: float  # per node per round
+    mem_per_node: float  # bytes of RSS per connected node
+
+    @property
+    def ms_per_node(self) -> float:
+        return 1e3 * self.wall / self.nodes
+
+
+class NodeClock:
+    """CPU time spent inside VirtualWorkers' frame handlers: the nodes' share of a round.
+
+    Installed before any worker is made (a link keeps the bound handler it was given)."""
+
+    seconds = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        orig = sy.VirtualWorker.handle_frame
+
+        def timed(worker: sy.VirtualWorker, frame: bytes, caller: object = None) -> object:
+            t = time.process_time()
+            try:
+                return orig(worker, frame, caller)  # type: ignore[arg-type]
+            finally:
+                cls.seconds += time.process_time() - t
+
+        sy.VirtualWorker.handle_frame = timed  # type: ignore[assignment,method-assign]
+
+
+def measure(label: str, workers: list[sy.Worker], rounds: int, mem_before: int) -> Row:
+    """Time ``rounds`` FedAvg rounds over ``workers`` (after one warm-up round, which also
+    finds the data and sends the plan). Works for any list of connected workers."""
+    cfg = FedAvgConfig(rounds=rounds + 1, batch_size=ROWS, lr=0.1, round_timeout=600.0)
+    trainer = FedAvg(make_model(), workers, cfg, progress=False)
+    trainer.run_round(1)
+    mem = (rss_bytes() - mem_before) / len(workers)
+    msgs0 = sum(w.session.messages_sent for w in workers)
+    walls = []
+    node0 = NodeClock.seconds
+    cpu0 = time.process_time()
+    for r in range(2, rounds + 2):
+        t0 = time.perf_counter()
+        trainer.run_round(r)
+        walls.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / rounds
+    msgs = (sum(w.session.messages_sent for w in workers) - msgs0) / rounds / len(workers)
+    return Row(label, len(workers), statistics.median(walls), cpu, (NodeClock.seconds - node0) / rounds, msgs, mem)
+
+
+def in_process(n: int, rounds: int) -> Row:
+    gc.collect()
+    before = rss_bytes()
+    hook = sy.TorchHook(torch, federation=sy.Federation())
+    workers: list[sy.Worker] = []
+    for i in range(n):
+        x, y = shard(i)
+        workers.append(sy.VirtualWorker(hook, id=f"node{i}", data=[x.tag("#train", "#x"), y.tag("#train", "#y")]))
+    return measure("in-process", workers, rounds, before)
+
+
+def plain_torch(n: int, rounds: int) -> float:
+    """Seconds per round for the same local training with no runtime: the floor."""
+    data = [shard(i) for i in range(n)]
+    model = make_model()
+    times = []
+    for _ in range(rounds + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        states = []
+        for x, y in data:
+            local = nn.Linear(FEATURES, CLASSES)
+            local.load_state_dict(model.state_dict())
+            opt = torch.optim.SGD(local.parameters(), lr=0.1)
+            loss = F.cross_entropy(local(x), y)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            states.append(local.state_dict())
+        model.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def flower(n: int) -> float | None:
+    """Flower's simulation engine at ``n`` clients, or None (reason printed) without it."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        return None
+    print(f"  flower at {n}: flwr is importable but its simulation needs Ray; not wired up in this script")
+    return None
+
+
+def plot(rows: list[Row], floor: dict[int, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r.label for r in rows):
+        pts = [r for r in rows if r.label == label]
+        ax.plot([r.nodes for r in pts], [r.wall for r in pts], "o-", label=f"fedws {label} (wall)")
+        ax.plot([r.nodes for r in pts], [r.cpu for r in pts], "o--", label=f"fedws {label} (CPU)")
+    ax.plot(list(floor), list(floor.values()), "s:", label="plain PyTorch, no runtime")
+    ax.axhline(GOAL_SECONDS, color="grey", lw=0.8)
+    ax.plot([GOAL_NODES], [GOAL_SECONDS], "r*", ms=12, label="goal: 1,000 nodes in 1 s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes per round")
+    ax.set_ylabel("seconds per FedAvg round")
+    ax.set_title("FedAvg round of Linear(8, 2) vs nodes (2 cores)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="10 nodes only, 2 rounds (smoke run)")
+    ap.add_argument("--nodes", type=int, nargs="*", help="node counts (default 10 100 1000)")
+    ap.add_argument("--rounds", type=int, help="timed rounds per count (default 3; --quick: 2)")
+    ap.add_argument("--plot", type=Path, default=OUT / "scale.png")
+    args = ap.parse_args(argv)
+    counts = args.nodes or ([10] if args.quick else [10, 100, 1000])
+    rounds = args.rounds or (2 if args.quick else 3)
+    torch.set_num_threads(1)  # tiny models: OpenMP threads only contend on 2 cores
+    NodeClock.install()
+
+    print("FedAvg round of Linear(8, 2), 16 examples per node, 1 local epoch; median of "
+          f"{rounds} rounds after a warm-up round")
+    print(f"{'hosting':<12} {'nodes':>6} {'wall s':>8} {'CPU s':>8} {'node CPU':>9} "
+          f"{'ms/node':>8} {'msgs/node':>9} {'linear':>7} {'KB/node':>8} {'plain s':>8} {'x plain':>8}")
+    rows: list[Row] = []
+    floor: dict[int, float] = {}
+    for n in counts:
+        floor[n] = plain_torch(n, rounds)
+        makers: list[tuple[str, Callable[[int], Row]]] = [("in-process", lambda k: in_process(k, rounds))]
+        for label, make in EXTRA_ROWS:
+            def hosted(k: int, label: str = label, make: Factory = make) -> Row:
+                before = rss_bytes()
+                workers, cleanup = make(k)
+                try:
+                    return measure(label, workers, rounds, before)
+                finally:
+                    cleanup()
+            makers.append((label, hosted))
+        for _label, run in makers:
+            row = run(n)
+            rows.append(row)
+            first = next(r for r in rows if r.label == row.label)
+            print(f"{row.label:<12} {n:>6} {row.wall:>8.3f} {row.cpu:>8.3f} {row.node_cpu:>9.3f} "
+                  f"{row.ms_per_node:>8.2f} {row.messages:>9.1f} {row.ms_per_node / first.ms_per_node:>7.2f} "
+                  f"{row.mem_per_node / 1024:>8.1f} {floor[n]:>8.4f} {row.wall / floor[n]:>8.1f}", flush=True)
+            gc.collect()
+    for what in NOT_YET:
+        if not any(label == what for label, _ in EXTRA_ROWS):
+            print(f"{what}: not measured (hook: bench_scale.EXTRA_ROWS, once that hosting is merged)")
+    for n in counts:
+        if flower(n) is None:
+            print(f"flower at {n} nodes: skipped: flwr is not importable (Flower's simulation needs Ray, not installed)")
+            break
+    for row in rows:
+        if row.nodes == GOAL_NODES:
+            verdict = "met" if row.wall <= GOAL_SECONDS else "NOT met"
+            print(f"goal 1,000 nodes <= {GOAL_SECONDS:g} s per round ({row.label}): wall {row.wall:.2f} s, "
+                  f"CPU {row.cpu:.2f} s (nodes {row.node_cpu:.2f} s, coordinator {row.cpu - row.node_cpu:.2f} s): {verdict}")
+    plot(rows, floor, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
