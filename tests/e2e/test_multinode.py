@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +79,17 @@ def nodes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     started: list[NodeProcess] = []
     try:
         if request.param == "processes":  # two nodes are enough for the isolation cases
-            urls = {}
+            configs = []
             for i, name in enumerate(NAMES[:2]):
-                cfg = tmp / f"{name}.toml"
-                cfg.write_text(f'id = "{name}"\nport = 0\n' + node_section(tmp, name, i, digest, ""))
-                started.append(start_node(cfg, extra_args=["--threads", "1"]))
-                urls[name] = started[-1].url
+                configs.append(tmp / f"{name}.toml")
+                configs[-1].write_text(f'id = "{name}"\nport = 0\n' + node_section(tmp, name, i, digest, ""))
+            with ThreadPoolExecutor(2) as pool:  # both import torch at once
+                futures = [pool.submit(start_node, c, extra_args=["--threads", "1"]) for c in configs]
+            failed = [f.exception() for f in futures if f.exception() is not None]
+            started += [f.result() for f in futures if f.exception() is None]
+            if failed:
+                raise failed[0]  # type: ignore[misc]
+            urls = {n.id: n.url for n in started}
             yield Nodes("processes", urls, urls["alice"], tmp)
         else:
             cfg = tmp / "host.toml"
