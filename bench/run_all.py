@@ -14,6 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SCRIPTS = ["bench_network.py", "bench_plans.py", "bench_plans_concurrency.py", "bench_secagg.py", "bench_scale.py"]
+SCRIPTS.append("bench_node_memory.py")
 # Scripts that take --quick; every benchmark should.
 ACCEPTS_QUICK = set(SCRIPTS)
 TIMEOUT_S = 900  # per script; a hung benchmark fails the run instead of blocking it

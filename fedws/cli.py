@@ -91,6 +91,12 @@ def _worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "logger's: --log-level fedws.node=DEBUG (repeatable)",
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
+    p.add_argument(
+        "--nodes", type=int, metavar="N",
+        help="host N logical nodes in this process (ids ID_PREFIX0..), each with its own store, "
+        "policy and audit, reached at ws://host:port/ID; a config with [[node]] tables does the same",
+    )
+    p.add_argument("--id-prefix", default="node-", help="ids of --nodes: PREFIX0, PREFIX1, ... (default node-)")
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -188,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _node_config(args: argparse.Namespace, base=None):  # type: ignore[no-untyped-def]
     from .node_config import NodeConfig, load_config
 
-    if args.config is not None:
+    if base is not None:  # one node of a host: its config is loaded, the options apply to it
+        cfg = base
+    elif args.config is not None:
         cfg = load_config(args.config)
     elif args.id:
         cfg = NodeConfig(id=args.id)
@@ -226,11 +234,51 @@ def _node_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return cfg
 
 
+def run_host(args: argparse.Namespace) -> int:
+    """``fedws worker --nodes N`` or a config with ``[[node]]`` tables: one process, many nodes."""
+    from .node_config import NodeConfig, load_configs
+    from .node_host import NodeHost, node_configs, serve_host
+
+    bases = load_configs(args.config) if args.config is not None else [NodeConfig(id=args.id or "node")]
+    if args.nodes is not None and len(bases) > 1:
+        raise SystemExit("fedws worker: give --nodes or a config with [[node]] tables, not both")
+    if args.nodes is not None and args.id:
+        raise SystemExit("fedws worker: --nodes names its nodes with --id-prefix, not --id")
+    configs = [_node_config(args, base) for base in bases]
+    audit = None
+    if args.nodes is not None:
+        audit = configs[0].audit_log
+        configs = node_configs(configs[0], args.nodes, args.id_prefix)
+    if configs[0].threads:
+        import torch
+
+        torch.set_num_threads(configs[0].threads)
+    host = NodeHost(configs, audit_log=audit)
+    if any(c.policy == "open" for c in configs):
+        print(f"fedws worker: {INSECURE_WARNING}", file=sys.stderr, flush=True)
+    ids = list(host.nodes)
+    shown = " ".join(ids[:10]) + (f" ... {ids[-1]}" if len(ids) > 10 else "")
+
+    def ready(url: str) -> None:
+        print(f"fedws worker: {len(ids)} nodes at {url}/ID: {shown}", flush=True)
+        print(f"fedws worker host-of-{len(ids)} listening on {url}", flush=True)
+
+    try:
+        serve_host(host, ready=ready)
+    except OSError as exc:
+        print(f"fedws worker: cannot listen on {host.server.host}:{host.server.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from .logs import configure
     from .node_process import NodeServer, serve
 
     configure(args.log_level, fmt=args.log_format, default=logging.DEBUG if args.verbose else logging.INFO)
+    if args.nodes is not None or (args.config is not None and _has_node_tables(args.config)):
+        return run_host(args)
     cfg = _node_config(args)
     if cfg.threads:
         import torch
@@ -279,6 +327,15 @@ def _dial(server, args: argparse.Namespace, cfg) -> int:  # type: ignore[no-unty
 
     dial(server, args.connect, token, cafile=args.cafile, ready=ready)
     return 0
+
+
+def _has_node_tables(config: Path) -> bool:
+    import tomllib
+
+    try:
+        return "node" in tomllib.loads(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # load_config words the error
 
 
 def main(argv: list[str] | None = None) -> int:

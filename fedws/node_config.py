@@ -64,7 +64,7 @@ import torch
 from .node.policy import MODES, PERMISSIONS, DPRule
 from .transport.handshake import token_digest
 
-__all__ = ["NodeConfig", "DataEntry", "PeerEntry", "TokenEntry", "load_config", "load_tensor", "same_url"]
+__all__ = ["NodeConfig", "DataEntry", "PeerEntry", "TokenEntry", "load_config", "load_configs", "load_tensor", "same_url"]
 
 
 @dataclass
@@ -272,6 +272,61 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ValueError(f"node config {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"node config {path} is not valid TOML: {exc}") from None
+    if "node" in raw:
+        raise ValueError(f"node config {path} has [[node]] tables: start it with `fedws worker --config` "
+                         "(load_configs reads them)")
+    return _parse(path, raw)
+
+
+HOST_KEYS = frozenset({"host", "port", "certfile", "keyfile", "max_frame_mb", "threads"})
+"""Keys of the process, not of one node: top level only in a config with ``[[node]]`` tables."""
+MAX_NODE_TABLES = 10_000
+
+
+def load_configs(path: str | Path) -> list[NodeConfig]:
+    """The nodes of a config: one per ``[[node]]`` table, or the file's one node.
+
+    In a config with ``[[node]]`` tables the top-level keys are every node's defaults and
+    the socket's settings (:data:`HOST_KEYS`); a table sets its node's own ``id``, tokens,
+    policy, data, peers, audit log... (a list in a table replaces the default list)::
+
+        port = 8777
+        policy = "private"
+        [[node]]
+        id = "alice"
+        [[node.tokens]]
+        principal = "lab-a"
+        sha256 = "<hex sha256 of lab-a's token>"
+        [[node]]
+        id = "bob"
+
+    Raises:
+        ValueError: as :func:`load_config`, naming the path and the table.
+    """
+    path = Path(path)
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return [load_config(path)]  # the same errors, worded once
+    tables = raw.pop("node", None)
+    if tables is None:
+        return [_parse(path, raw)]
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"node config {path}: 'node' must be an array of tables ([[node]])")
+    if len(tables) > MAX_NODE_TABLES:
+        raise ValueError(f"node config {path}: more than {MAX_NODE_TABLES} [[node]] tables")
+    out = []
+    for i, table in enumerate(tables):
+        host_keys = sorted(set(table) & HOST_KEYS)
+        if host_keys:
+            raise ValueError(f"node config {path}: [[node]] {i} sets {host_keys}: they belong at the top level")
+        if "id" not in table:
+            raise ValueError(f"node config {path}: [[node]] {i} has no 'id'")
+        out.append(_parse(path, {**raw, **table}))
+    return out
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> NodeConfig:
     unknown = set(raw) - _KEYS
     if unknown:
         raise ValueError(f"node config {path}: unknown keys {sorted(unknown)}")

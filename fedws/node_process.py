@@ -73,7 +73,7 @@ class NodeServer:
         node.add_peer = self._add_peer
         node.policy = Policy(config.policy, frozenset(config.approved_plans), config.dp, roles=roles(config))
         if config.audit_log:
-            self._audit_handler = open_audit_log(config.audit_log)
+            self._audit_handler = open_audit_log(config.audit_log, node=config.id)
         self.peer_timeout = config.peer_timeout if peer_timeout is None else peer_timeout
         self.listed_peers: dict[str, PeerEntry] = {p.id: p for p in config.peers}
         if config.open_peers:

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("fedws.connecting", 5, "compose"),
     ("fedws.node_config", 5, "compose"),
     ("fedws.node_process", 5, "compose"),
+    ("fedws.node_host", 5, "compose"),
     ("fedws.grid", 5, "compose"),
     ("fedws.sandbox", 5, "compose"),
     ("fedws.datasets", 5, "compose"),

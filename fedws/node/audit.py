@@ -56,7 +56,7 @@ class Audit:
             if caller.address:
                 line["address"] = caller.address
         line.update(fields)
-        _log.info(json.dumps(line, default=str))
+        _log.info(json.dumps(line, default=str), extra={"fedws_node": self.node_id})
 
     def connected(self, caller: Caller) -> None:
         self.record("connect", caller)
@@ -73,8 +73,11 @@ class _Json(logging.Formatter):
         return record.getMessage()
 
 
-def open_audit_log(path: str | Path, *, max_bytes: int = 10 * 2**20, backups: int = 5) -> logging.Handler:
-    """Send the audit records of this process to ``path`` (rotated at ``max_bytes``).
+def open_audit_log(
+    path: str | Path, *, max_bytes: int = 10 * 2**20, backups: int = 5, node: str | None = None
+) -> logging.Handler:
+    """Send the audit records of this process to ``path`` (rotated at ``max_bytes``); only
+    those of node ``node`` when given (several nodes of one process keep their own files).
 
     Returns the handler (remove it from ``logging.getLogger("fedws.audit")`` to stop).
     """
@@ -82,6 +85,8 @@ def open_audit_log(path: str | Path, *, max_bytes: int = 10 * 2**20, backups: in
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
     handler.setFormatter(_Json())
+    if node is not None:
+        handler.addFilter(lambda record: getattr(record, "fedws_node", None) == node)
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
     return handler

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import weakref
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from .handshake import (
 from .link import FrameHandler
 from .memory import tune_malloc
 
-__all__ = ["FrameServer", "INLINE_MAX_BYTES"]
+__all__ = ["FrameServer", "INLINE_MAX_BYTES", "node_name"]
 
 log = logging.getLogger("fedws.server")
 
@@ -85,6 +86,11 @@ class FrameServer:
         close_session: ``(principal, session key)``, called once a connection that
             ``open_session`` opened has ended (closed or lost) and its last frame was
             answered or dropped: the composition decides when the session itself ends.
+        routes: node name -> the (unstarted) server of that node, or None: this server
+            listens for several nodes, each reached at ``ws://host:port/NAME`` and answering
+            with its own id, tokens and handlers (``fedws.node_host``). The path is checked
+            (:func:`node_name`) before any token; a bad or unknown one is refused (400/404)
+            and counted with the wrong tokens of its address.
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class FrameServer:
         credentials: Credentials | None = None,
         open_session: Callable[[str, str, str | None], tuple[FrameHandler, FrameHandler | None]] | None = None,
         close_session: Callable[[str, str], None] | None = None,
+        routes: Callable[[str], FrameServer | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.handle = handle
@@ -124,6 +131,8 @@ class FrameServer:
         self.open_session = open_session
         self.close_session = close_session
         self._principals: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
+        self.routes = routes
+        self._targets: weakref.WeakKeyDictionary[ServerConnection, FrameServer] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         self.url: str | None = None
 
@@ -139,8 +148,8 @@ class FrameServer:
             )
             refusal.headers["Retry-After"] = str(max(1, round(left)))
             return refusal
-        response = self._check_token(connection, request)
-        if response is not None and response.status_code == HTTPStatus.UNAUTHORIZED:
+        response = self._route(connection, request) or self._check_token(connection, request)
+        if response is not None and response.status_code in _COUNTED:
             verdict = self.auth_limiter.failed(address)
             if verdict.blocked:
                 log.warning(
@@ -182,19 +191,38 @@ class FrameServer:
 
         return GuardedConnection
 
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Pick the node a connection's path names (a server of one node takes its id or none)."""
+        name = node_name(request.path)
+        if name is None:
+            return connection.respond(HTTPStatus.BAD_REQUEST, "fedws: malformed node path (want /NODE_ID)\n")
+        if self.routes is None:
+            if name in ("", self.node_id):
+                return None
+            target = None
+        else:
+            target = self.routes(name)
+        if target is None:
+            what = "several nodes: add /NODE_ID to the URL" if not name else f"no node {name!r}"
+            return connection.respond(HTTPStatus.NOT_FOUND, f"fedws: this address serves {what}\n")
+        self._targets[connection] = target
+        return None
+
     def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
-        principal = self.credentials.principal_for(request.headers.get("Authorization"))
+        target = self._targets.get(connection, self)
+        principal = target.credentials.principal_for(request.headers.get("Authorization"))
         if principal is not None:
-            self._principals[connection] = principal
+            target._principals[connection] = principal
             return None
         return connection.respond(HTTPStatus.UNAUTHORIZED, "fedws: invalid or missing token\n")
 
     def _add_id_header(self, connection: ServerConnection, request: Request, response: Response) -> Response:
-        response.headers[NODE_ID_HEADER] = self.node_id
+        target = self._targets.get(connection, self)
+        response.headers[NODE_ID_HEADER] = target.node_id
         response.headers[MAX_FRAME_HEADER] = str(int(self.max_frame_mb * 2**20))
         if request.headers.get(COMPRESS_HEADER) == "zstd" and compress_available():
             response.headers[COMPRESS_HEADER] = "zstd"  # both sides can: this link compresses
-        self._add_peer_proof(request, response)
+        target._add_peer_proof(request, response)
         return response
 
     def _add_peer_proof(self, request: Request, response: Response) -> None:
@@ -207,6 +235,10 @@ class FrameServer:
     # -- connections ---------------------------------------------------------------------
 
     async def _connection(self, ws: ServerConnection) -> None:
+        target = self._targets.pop(ws, self)
+        if target is not self:  # one of several nodes behind this socket: its server runs it
+            await target._connection(ws)
+            return
         loop = asyncio.get_running_loop()
         handle, inline = self.handle, self.handle_inline
         opened: tuple[str, str] | None = None
@@ -332,6 +364,25 @@ class FrameServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+_COUNTED = (HTTPStatus.UNAUTHORIZED, HTTPStatus.NOT_FOUND, HTTPStatus.BAD_REQUEST)
+"""Refusals counted per address: wrong tokens, and guessed or malformed node paths."""
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_PATH_CHARS = 256
+"""Longest request path looked at; a longer one is refused unread."""
+
+
+def node_name(path: str) -> str | None:
+    """The node a request path names: ``""`` for ``/``, ``"alice"`` for ``/alice`` (a query
+    string is ignored); None for anything else — too long, nested, or characters other than
+    letters, digits, ``.``, ``_``, ``-`` (up to 64, not starting with a dot or dash)."""
+    if len(path) > MAX_PATH_CHARS:
+        return None
+    name = path.split("?", 1)[0].strip("/")
+    if not name:
+        return ""
+    return name if _NODE_NAME.fullmatch(name) else None
 
 
 def _host_of(address: Any) -> str:

@@ -189,6 +189,11 @@ class WebsocketLink:
                 raise AuthenticationError(
                     f"node at {self._address} refuses this address for {retry} s: too many wrong tokens"
                 ) from None
+            if status in (400, 404):  # a node host: no such node path (the reason is in the body)
+                why = bytes(exc.response.body or b"")[:200].decode("utf-8", "replace").strip()
+                raise FedwsConnectionError(
+                    f"{self._address} refused the connection: {''.join(c for c in why if c.isprintable())}"
+                ) from None
             raise FedwsConnectionError(f"node at {self._address} answered HTTP {status}") from exc
         except TimeoutError:
             raise FedwsConnectionError(
