@@ -31,6 +31,7 @@ from .meta import (
     run_on_meta,
 )
 from .multi import MultiPointerTensor
+from ..protocol.shape_rules import infer_by_rule
 from .tensor import PointerTensor, make_pointer, reshape_shell, set_local_requires_grad
 
 if TYPE_CHECKING:
@@ -163,8 +164,19 @@ def _to_meta(leaf: Any) -> Any:
     return leaf
 
 
-def infer_spec(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], scan: ArgScan) -> ResultSpec:
-    """What ``func(*args, **kwargs)`` will return, worked out on meta tensors (cached)."""
+def _to_spec(leaf: Any) -> Any:
+    if isinstance(leaf, PointerTensor):
+        sig = leaf.signature
+        assert sig is not None  # callers check first
+        return TensorSpec(sig.shape, sig.dtype)
+    return leaf
+
+
+def infer_spec(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], scan: ArgScan, name: str | None = None
+) -> ResultSpec:
+    """What ``func(*args, **kwargs)`` will return (cached): by rule for the common ops
+    (:mod:`.shape_rules`, no meta kernel, no ``torch._dynamo`` import), else on meta tensors."""
     key = None
     if scan.cacheable:
         key = (func, *scan.key)
@@ -176,7 +188,8 @@ def infer_spec(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, 
             return spec
     elif any(isinstance(a, PointerTensor) and a.signature is None for a in tree_leaves((args, kwargs))):
         return UNKNOWN
-    spec = run_on_meta(func, tree_map(_to_meta, list(args)), tree_map(_to_meta, kwargs))
+    ruled = infer_by_rule(name, tree_map(_to_spec, list(args)), tree_map(_to_spec, kwargs)) if name else None
+    spec = ruled if ruled is not None else run_on_meta(func, tree_map(_to_meta, list(args)), tree_map(_to_meta, kwargs))
     if key is not None:
         SPECS.put(key, spec)
     return spec
@@ -305,7 +318,7 @@ def remote_call(
     target = scan.first
     if is_inplace(name) and args and isinstance(args[0], PointerTensor):
         target = args[0]
-        spec = infer_spec(func, args, kwargs, scan) if name.endswith(_SHAPE_CHANGING) else None
+        spec = infer_spec(func, args, kwargs, scan, name) if name.endswith(_SHAPE_CHANGING) else None
         target.seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [], *grad_mode())
         if isinstance(spec, TensorSpec) and target.signature is not None:
             reshape_shell(target, spec.shape)
@@ -314,7 +327,7 @@ def remote_call(
             set_local_requires_grad(target, flag)
         return target if "__setitem__" not in name else None
     if spec is None:
-        spec = infer_spec(func, args, kwargs, scan)
+        spec = infer_spec(func, args, kwargs, scan, name)
     ids = take_result_ids(result_count(spec))
     seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, ids, *grad_mode())
     if args and type(args[0]) is list and name.startswith("torch._foreach_") and is_inplace(name):
