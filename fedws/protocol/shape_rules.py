@@ -293,6 +293,24 @@ def _flatten(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
     return TensorSpec((*x.shape[:s], size, *x.shape[e + 1 :]), x.dtype)
 
 
+def _factory(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
+    """``torch.ones(2, 3)``, ``torch.zeros((2, 3), dtype=...)``: no tensor argument."""
+    if set(kwargs) - {"dtype"} or not args:
+        return None
+    raw: Any = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+    if not all(type(d) is int and d >= 0 for d in raw):
+        return None
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    return TensorSpec(tuple(raw), dtype) if isinstance(dtype, torch.dtype) else None
+
+
+def _like(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
+    if len(args) != 1 or not isinstance(args[0], TensorSpec) or set(kwargs) - {"dtype"}:
+        return None
+    dtype = kwargs.get("dtype") or args[0].dtype
+    return TensorSpec(args[0].shape, dtype) if isinstance(dtype, torch.dtype) else None
+
+
 RULES: dict[str, Rule] = {}
 """Rules by the op's short name (the part after ``Tensor.``, ``torch.`` or ``torch.nn.functional.``)."""
 
@@ -318,6 +336,11 @@ for _n in ("cross_entropy", "mse_loss", "nll_loss", "l1_loss"):
 RULES["__getitem__"] = _getitem
 RULES["t"] = _transpose_2d
 RULES["flatten"] = _flatten
+
+for _n in ("ones", "zeros", "empty"):
+    RULES[_n] = _factory
+for _n in ("ones_like", "zeros_like", "empty_like"):
+    RULES[_n] = _like
 
 _PREFIXES = ("Tensor.", "torch.nn.functional.", "torch.")
 
