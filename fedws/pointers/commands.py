@@ -316,7 +316,11 @@ def remote_call(
     location = scan.location
     assert location is not None and scan.first is not None
     target = scan.first
-    if is_inplace(name) and args and isinstance(args[0], PointerTensor):
+    flags = _FLAGS.get(name)
+    if flags is None:
+        flags = _FLAGS[name] = _flags_of(name)
+    inplace, foreach_inplace, differentiable = flags
+    if inplace and args and isinstance(args[0], PointerTensor):
         target = args[0]
         spec = infer_spec(func, args, kwargs, scan, name) if name.endswith(_SHAPE_CHANGING) else None
         target.seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [], *grad_mode())
@@ -328,11 +332,27 @@ def remote_call(
         return target if "__setitem__" not in name else None
     if spec is None:
         spec = infer_spec(func, args, kwargs, scan, name)
+    grad_on = torch.is_grad_enabled()
+    if type(spec) is TensorSpec and planned_result_ids.get() is None:  # the common case, inlined
+        rid = new_id()
+        seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [rid], *(() if grad_on else (False,)))
+        rg = scan.any_grad and grad_on and differentiable
+        return make_pointer(location, rid, shape=spec.shape, dtype=spec.dtype, requires_grad=rg, owner=target.owner, seq=seq)
     ids = take_result_ids(result_count(spec))
     seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, ids, *grad_mode())
-    if args and type(args[0]) is list and name.startswith("torch._foreach_") and is_inplace(name):
+    if foreach_inplace and args and type(args[0]) is list:
         for t in args[0]:  # each changed tensor's get() must see this op's error, if any
             if isinstance(t, PointerTensor):
                 t.seq = seq
-    rg = scan.any_grad and torch.is_grad_enabled() and name not in _NON_DIFFERENTIABLE
+    rg = scan.any_grad and grad_on and differentiable
     return build_results(spec, iter(ids), location, target.owner, seq, rg)
+
+
+_FLAGS: dict[str, tuple[bool, bool, bool]] = {}
+"""Per op name: (in place, an in-place ``torch._foreach_*``, its result can require grad).
+Worked out once per name: string tests on every op cost more than the lookup."""
+
+
+def _flags_of(name: str) -> tuple[bool, bool, bool]:
+    inplace = is_inplace(name)
+    return inplace, inplace and name.startswith("torch._foreach_"), name not in _NON_DIFFERENTIABLE
