@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ..protocol.shape_rules import TensorSpec, infer_by_rule
 from ..protocol.codec import ObjRef
 from ..protocol.ops import is_inplace
 from ..protocol.plan import PlanCode
+from ..protocol.shape_rules import TensorSpec, infer_by_rule
 from ..protocol.tree import tree_leaves, tree_map
 
 __all__ = ["infer_outputs", "AbstractTensor"]

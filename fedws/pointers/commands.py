@@ -18,6 +18,7 @@ from ..protocol.codec import ObjRef
 from ..protocol.ids import new_id, planned_result_ids
 from ..protocol.messages import Kind
 from ..protocol.ops import is_inplace, op_name
+from ..protocol.shape_rules import infer_by_rule
 from ..protocol.tree import tree_leaves, tree_map
 from .meta import (
     NONE,
@@ -31,7 +32,6 @@ from .meta import (
     run_on_meta,
 )
 from .multi import MultiPointerTensor
-from ..protocol.shape_rules import infer_by_rule
 from .tensor import PointerTensor, make_pointer, reshape_shell, set_local_requires_grad
 
 if TYPE_CHECKING:
