@@ -48,6 +48,8 @@ import torch
 
 from ..exceptions import LimitExceededError, MemoryBudgetError
 from ..protocol.codec import VIEW_MIN_BYTES
+from ..protocol.shape_rules import TensorSpec, fresh_bytes
+from ..protocol.tree import tree_map
 
 __all__ = [
     "MemoryBudget",
@@ -245,13 +247,21 @@ def output_bytes(op: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, A
     if any(t.device.type == "meta" for t in tensors):
         return 0  # a pointer: the op runs where its data is
     if cached is None:
-        need = _meta_bytes(fn, args, kwargs)
+        need = _rule_bytes(op, args, kwargs)  # common ops by rule: no torch._dynamo import
+        need = _meta_bytes(fn, args, kwargs) if need is None else need
         if key is not None and len(_CACHE) < _CACHE_MAX:
             with _cache_lock:
                 _CACHE[key] = _VALUE if need is None else need
         if need is not None:
             return need
     return _value_bytes(op, fn, args, kwargs, tensors)
+
+
+def _rule_bytes(op: str, args: Any, kwargs: dict[str, Any]) -> int | None:
+    def spec(x: Any) -> Any:
+        return TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+
+    return fresh_bytes(op, tree_map(spec, list(args)), tree_map(spec, kwargs))
 
 
 def _meta_of(t: torch.Tensor) -> torch.Tensor:

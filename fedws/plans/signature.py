@@ -17,6 +17,7 @@ import torch
 from ..node.interpreter import execute, flat_tensors
 from ..pointers import PointerTensor
 from ..protocol.plan import PlanCode
+from .shapes import infer_outputs
 
 __all__ = ["PlanSignature", "TensorSig", "input_sigs"]
 
@@ -59,7 +60,7 @@ class PlanSignature:
         traced_inputs: inputs shaped like these reuse the traced output shapes.
     """
 
-    __slots__ = ("code", "state_specs", "traced_inputs", "_cache")
+    __slots__ = ("code", "state_specs", "traced_inputs", "_cache", "_rules_agree")
 
     _CACHE_MAX = 256
 
@@ -70,6 +71,7 @@ class PlanSignature:
         )
         self.traced_inputs = traced_inputs
         self._cache: dict[tuple[TensorSig, ...], list[TensorSig]] = {}
+        self._rules_agree: bool | None = None
 
     @property
     def name(self) -> str:
@@ -119,7 +121,10 @@ class PlanSignature:
         unknown: list[TensorSig] = [(None, d, rg) for _, d, rg in traced]
         specs = unknown
         known = [(s, d, rg) for s, d, rg in sigs if s is not None]
-        if len(known) == len(sigs):
+        ruled = self._by_rule(known) if len(known) == len(sigs) else None
+        if ruled is not None:
+            specs = list(ruled)
+        elif len(known) == len(sigs):
             try:
                 inputs = [_meta(s, d, rg) for s, d, rg in known]
                 state = [_meta(s, d, rg) for s, d, rg in self.state_specs]
@@ -133,3 +138,20 @@ class PlanSignature:
         if len(self._cache) < self._CACHE_MAX:
             self._cache[sigs] = specs
         return specs
+
+    def _by_rule(self, inputs: list[tuple[tuple[int, ...], torch.dtype, bool]]) -> list[TensorSig] | None:
+        """The outputs for ``inputs`` derived op by op (:mod:`.shapes`), or None if unsure.
+
+        Trusted only for a plan whose rules reproduce, on the traced inputs, exactly the
+        specs the trace saw; otherwise (or for an op without a rule) the caller runs the
+        code on meta tensors.
+        """
+        if self._rules_agree is None:
+            traced = [(s, d, rg) for s, d, rg in self.traced_inputs if s is not None]
+            self._rules_agree = len(traced) == len(self.traced_inputs) == self.code.n_inputs and infer_outputs(
+                self.code, traced, self.state_specs
+            ) == [(tuple(s), d, rg) for s, d, rg in self.code.out_specs]
+        if not self._rules_agree:
+            return None
+        out = infer_outputs(self.code, inputs, self.state_specs)
+        return None if out is None else list(out)

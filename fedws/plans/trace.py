@@ -240,6 +240,13 @@ class _Unseen(TorchDispatchMode):  # type: ignore[no-untyped-call]
         super().__init__()  # type: ignore[no-untyped-call]
         self.recorder = recorder
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """False: torch would otherwise wrap ``__torch_dispatch__`` in ``torch._disable_dynamo``,
+        whose first call imports ``torch._dynamo`` (and sympy): 1-4 s of a first round, for a
+        mode that never runs under ``torch.compile``."""
+        return False
+
     def __torch_dispatch__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:

@@ -18,6 +18,7 @@ from ..protocol.codec import ObjRef
 from ..protocol.ids import new_id, planned_result_ids
 from ..protocol.messages import Kind
 from ..protocol.ops import is_inplace, op_name
+from ..protocol.shape_rules import infer_by_rule
 from ..protocol.tree import tree_leaves, tree_map
 from .meta import (
     NONE,
@@ -163,8 +164,19 @@ def _to_meta(leaf: Any) -> Any:
     return leaf
 
 
-def infer_spec(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], scan: ArgScan) -> ResultSpec:
-    """What ``func(*args, **kwargs)`` will return, worked out on meta tensors (cached)."""
+def _to_spec(leaf: Any) -> Any:
+    if isinstance(leaf, PointerTensor):
+        sig = leaf.signature
+        assert sig is not None  # callers check first
+        return TensorSpec(sig.shape, sig.dtype)
+    return leaf
+
+
+def infer_spec(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], scan: ArgScan, name: str | None = None
+) -> ResultSpec:
+    """What ``func(*args, **kwargs)`` will return (cached): by rule for the common ops
+    (:mod:`.shape_rules`, no meta kernel, no ``torch._dynamo`` import), else on meta tensors."""
     key = None
     if scan.cacheable:
         key = (func, *scan.key)
@@ -176,7 +188,8 @@ def infer_spec(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, 
             return spec
     elif any(isinstance(a, PointerTensor) and a.signature is None for a in tree_leaves((args, kwargs))):
         return UNKNOWN
-    spec = run_on_meta(func, tree_map(_to_meta, list(args)), tree_map(_to_meta, kwargs))
+    ruled = infer_by_rule(name, tree_map(_to_spec, list(args)), tree_map(_to_spec, kwargs)) if name else None
+    spec = ruled if ruled is not None else run_on_meta(func, tree_map(_to_meta, list(args)), tree_map(_to_meta, kwargs))
     if key is not None:
         SPECS.put(key, spec)
     return spec
@@ -303,9 +316,13 @@ def remote_call(
     location = scan.location
     assert location is not None and scan.first is not None
     target = scan.first
-    if is_inplace(name) and args and isinstance(args[0], PointerTensor):
+    flags = _FLAGS.get(name)
+    if flags is None:
+        flags = _FLAGS[name] = _flags_of(name)
+    inplace, foreach_inplace, differentiable = flags
+    if inplace and args and isinstance(args[0], PointerTensor):
         target = args[0]
-        spec = infer_spec(func, args, kwargs, scan) if name.endswith(_SHAPE_CHANGING) else None
+        spec = infer_spec(func, args, kwargs, scan, name) if name.endswith(_SHAPE_CHANGING) else None
         target.seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [], *grad_mode())
         if isinstance(spec, TensorSpec) and target.signature is not None:
             reshape_shell(target, spec.shape)
@@ -314,12 +331,28 @@ def remote_call(
             set_local_requires_grad(target, flag)
         return target if "__setitem__" not in name else None
     if spec is None:
-        spec = infer_spec(func, args, kwargs, scan)
+        spec = infer_spec(func, args, kwargs, scan, name)
+    grad_on = torch.is_grad_enabled()
+    if type(spec) is TensorSpec and planned_result_ids.get() is None:  # the common case, inlined
+        rid = new_id()
+        seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, [rid], *(() if grad_on else (False,)))
+        rg = scan.any_grad and grad_on and differentiable
+        return make_pointer(location, rid, shape=spec.shape, dtype=spec.dtype, requires_grad=rg, owner=target.owner, seq=seq)
     ids = take_result_ids(result_count(spec))
     seq, _ = location.submit(Kind.CMD, name, wire_args, wire_kwargs, ids, *grad_mode())
-    if args and type(args[0]) is list and name.startswith("torch._foreach_") and is_inplace(name):
+    if foreach_inplace and args and type(args[0]) is list:
         for t in args[0]:  # each changed tensor's get() must see this op's error, if any
             if isinstance(t, PointerTensor):
                 t.seq = seq
-    rg = scan.any_grad and torch.is_grad_enabled() and name not in _NON_DIFFERENTIABLE
+    rg = scan.any_grad and grad_on and differentiable
     return build_results(spec, iter(ids), location, target.owner, seq, rg)
+
+
+_FLAGS: dict[str, tuple[bool, bool, bool]] = {}
+"""Per op name: (in place, an in-place ``torch._foreach_*``, its result can require grad).
+Worked out once per name: string tests on every op cost more than the lookup."""
+
+
+def _flags_of(name: str) -> tuple[bool, bool, bool]:
+    inplace = is_inplace(name)
+    return inplace, inplace and name.startswith("torch._foreach_"), name not in _NON_DIFFERENTIABLE

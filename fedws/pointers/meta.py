@@ -19,6 +19,8 @@ from typing import Any, NamedTuple, TypeAlias
 import torch
 from torch._C import DisableTorchFunctionSubclass
 
+from ..protocol.shape_rules import TensorSpec
+
 __all__ = [
     "Signature",
     "TensorSpec",
@@ -48,14 +50,6 @@ class Signature(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     requires_grad: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """The result is one tensor of this shape and dtype."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 @dataclass(frozen=True, slots=True)
