@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml Makefile $(PYTHON_DEP)
 
 install: $(STAMP)
 
+# Two pytest workers, one test file each at a time (module fixtures stay in one process):
+# much of the suite waits on node processes starting, so two workers overlap on 2 cores.
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check fedws tests bench examples

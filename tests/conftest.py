@@ -33,6 +33,10 @@ class NodePool:
         return node.url
 
     def stop_all(self) -> None:
+        # Signal every node first, then wait: they shut down side by side, not one by one.
+        for node in self.nodes.values():
+            if node.process is not None and node.process.poll() is None:
+                node.process.terminate()
         for node in self.nodes.values():
             node.stop()
         self.nodes.clear()

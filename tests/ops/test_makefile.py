@@ -40,7 +40,7 @@ def test_by_default_everything_goes_into_a_project_venv(tmp_path: Path) -> None:
     assert lines[0] == f"{sys.executable} -m venv .venv"
     assert lines[1] == ".venv/bin/python -m pip install -q torch==2.13.0"  # the CPU pin first
     assert lines[2].startswith('.venv/bin/python -m pip install -q -e ".[test')
-    assert lines[-1] == ".venv/bin/python -m pytest -q"
+    assert lines[-1] == ".venv/bin/python -m pytest -q -n 2 --dist loadfile"
 
 
 def test_python_overrides_the_venv(tmp_path: Path) -> None:
