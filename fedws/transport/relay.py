@@ -531,14 +531,17 @@ class RelayLink:
             raise FedwsConnectionError("relay: this node is not connected to its coordinator")
         return self.mux.loop
 
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.mux.loop
+        except RuntimeError:
+            return False
+
     def _run(self, coro: Any) -> Future[Any]:
         loop = self._loop()
-        try:
-            if asyncio.get_running_loop() is loop:
-                coro.close()
-                raise WrongThreadError("a relay link cannot be waited on from its own loop")
-        except RuntimeError:
-            pass
+        if self._on_loop():
+            coro.close()
+            raise WrongThreadError("a relay link cannot be waited on from its own loop")
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
     def connect(self, timeout: float | None) -> None:
@@ -607,6 +610,9 @@ class RelayLink:
 
     def close(self) -> None:
         if self._chan is None or self.mux.loop is None or self.mux.loop.is_closed():
+            return
+        if self._on_loop():
+            self.mux.loop.create_task(self._close())
             return
         try:
             self._run(self._close()).result(5.0)
