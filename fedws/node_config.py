@@ -373,7 +373,7 @@ def _peer_entry(path: Path, i: int, raw: Any) -> PeerEntry:
     if not isinstance(raw.get("id"), str) or not isinstance(raw.get("url"), str):
         raise ValueError(f"node config {path}: peers entry {i} needs 'id' and 'url' strings")
     parts = urlsplit(raw["url"])
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+    if parts.scheme not in ("ws", "wss", "dialout") or not parts.hostname:  # dialout://ID: via the relay
         raise ValueError(f"node config {path}: peer {raw['id']!r}: url must be ws://host:port or wss://host:port")
 
     def rel(key: str) -> Path | None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .client.federation import Federation
+from .client.relay import RelayPeer
 from .client.websocket_worker import WebsocketClientWorker
 from .exceptions import OpNotAllowedError
 from .hook import TorchHook
@@ -30,6 +31,7 @@ from .protocol.messages import Kind
 from .transport.dialer import DialOut
 from .transport.handshake import DEFAULT_PRINCIPAL, Credentials, token_digest
 from .transport.link import Chunks, FrameHandler
+from .transport.relay import RelayMux
 from .transport.server import FrameServer
 from .virtual import VirtualWorker
 
@@ -82,6 +84,7 @@ class NodeServer:
                 "connect to any address", config.id,
             )
         self._stopped = asyncio.Event()
+        self.relay: RelayMux | None = None  # set by dial_out: links to peers through the coordinator
         self.session_grace = config.session_grace_s
         # Sessions: open connections per (principal, session key), and the timers of the
         # sessions whose last connection closed (a reconnect within the grace cancels it).
@@ -197,6 +200,9 @@ class NodeServer:
             OpNotAllowedError: the peer is not listed (at that URL).
         """
         entry = self.listed_peers.get(worker_id)
+        if entry is not None and address == f"dialout://{worker_id}" and self.relay is not None:
+            self._add_relayed_peer(entry)
+            return
         if entry is not None and (not address or same_url(address, entry.url)):
             url, token, secret, tls = entry.url, entry.credential(), entry.secret(), _tls(entry)
         elif self.config.open_peers and address:
@@ -218,6 +224,27 @@ class NodeServer:
             peer_secret=secret,
         )
         self.worker.peers[worker_id] = peer
+
+    def _add_relayed_peer(self, entry: PeerEntry) -> None:
+        """Link to a listed peer that dials out too, through the coordinator's relay."""
+        old = self.worker.peers.get(entry.id)
+        if isinstance(old, RelayPeer) and old.connected:
+            return
+        token = entry.credential()
+        if token is None:
+            raise OpNotAllowedError(f"relaying to {entry.id!r} needs the token it issued to this node ([[peers]] token)")
+        assert self.relay is not None
+        self.worker.peers[entry.id] = RelayPeer(
+            self.hook, self.relay, self.config.id, entry.id, token=token, secret=entry.secret(),
+            timeout=self.peer_timeout, max_frame_mb=self.config.max_frame_mb,
+        )
+
+    def _relay_secret(self, peer_id: str) -> bytes | None:
+        """The secret of a listed peer's link (None: none); an unlisted peer is refused."""
+        entry = self.listed_peers.get(peer_id)
+        if entry is None:
+            raise PermissionError(peer_id)
+        return entry.secret()
 
     def _handle(self, frame: bytes | bytearray | memoryview) -> Chunks:
         sent_before = {pid: p.session.last_seq for pid, p in list(self.worker.peers.items())}
@@ -267,10 +294,18 @@ class NodeServer:
         principal = self.credentials(self.config).principal_for(f"Bearer {token}")
         if principal is None or not token:
             raise ValueError("the token to dial with is none of the tokens this node accepts ([[tokens]] / --token)")
+        digests = [(t.principal, bytes.fromhex(t.sha256)) for t in self.config.tokens]
+        if self.config.token:
+            digests.append((DEFAULT_PRINCIPAL, bytes.fromhex(token_digest(self.config.token))))
+        dialing = bytes.fromhex(token_digest(token))  # the coordinator's own: never a relayed peer's
+        self.relay = RelayMux(
+            self.config.id, open_session=self._open_session, close_session=self._close_session,
+            listed_secret=self._relay_secret, digests=[d for d in digests if d[1] != dialing], answer_inline=bounded,
+        )
         return DialOut(
             self.config.id, url, token, principal=principal, open_session=self._open_session,
             close_session=self._close_session, answer_inline=bounded, ssl=ssl,
-            max_frame_mb=self.config.max_frame_mb, on_connected=on_connected,
+            max_frame_mb=self.config.max_frame_mb, on_connected=on_connected, relay=self.relay,
         )
 
     # -- serving -------------------------------------------------------------------------

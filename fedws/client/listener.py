@@ -9,10 +9,11 @@ the same worker, under the same session key, carries on with the node's objects,
 back within the node's session grace. Who proves what to whom is in
 :mod:`fedws.transport.dialer`.
 
-Node to node: a dial-out node cannot be reached at an address, and relaying its
-node-to-node traffic through the coordinator is not implemented: ``add_worker`` with a
-dial-out worker raises :class:`PointerError` (move data through the coordinator with
-``.get()`` / ``.send()``, or let one of the two nodes listen).
+Node to node: a dial-out node cannot be reached at an address, so ``alice.add_worker(bob)``
+between two dial-out nodes makes alice's link to bob run through this coordinator, which
+forwards the bytes without decoding them (:class:`~fedws.transport.relay.RelayRouter`; who
+proves what to whom is in :mod:`fedws.transport.relay`). A dial-out node may also link to a
+listening peer directly (``ws://``), as any node does.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from ..exceptions import FedwsTimeoutError, PointerError
+from ..protocol.messages import Kind
 from ..transport.accept import AcceptedLink, NodeAcceptor
 from ..transport.handshake import new_session_key
-from ..transport.io_thread import IOThread
+from ..transport.io_thread import IOThread, wait
 from ..transport.link import Endpoint
+from ..transport.relay import RelayRouter
 from .federation import Federation
 from .worker import Worker
 
@@ -40,11 +44,21 @@ class DialedWorker(Worker):
     link: AcceptedLink
 
     def add_worker(self, worker: Worker) -> Worker:
-        raise PointerError(
-            f"worker {self.id!r} dialed in to this coordinator and cannot reach other nodes: relaying "
-            "node-to-node traffic through the coordinator is not implemented; move data with "
-            ".get() and .send(), or let one of the nodes listen"
-        )
+        """Tell this node where ``worker`` is: a dial-out node (``dialout://ID``) is reached
+        through this coordinator's relay, a listening one at its URL. The node links only to
+        peers its operator listed (``[[peers]]``).
+
+        Raises:
+            OpNotAllowedError: the node's operator did not list that peer.
+            RemoteError: the peer could not be reached, refused, or could not prove who it is.
+        """
+        address = worker.address
+        if address is None or not address.startswith(("ws://", "wss://", "dialout://")):
+            raise PointerError(f"worker {worker.id!r} has no address a node could reach it at")
+        seq, _ = self.submit(Kind.ADD_PEER, worker.id, address)
+        wait(self.ack_future(seq), self.timeout, f"add_worker({worker.id!r}) on worker {self.id!r}")
+        self.peers[worker.id] = worker
+        return self
 
     def reconnect(self) -> DialedWorker:
         """Nothing to do here: the node redials by itself (kept for API parity)."""
@@ -87,6 +101,7 @@ class NodeListener:
             certfile=certfile, keyfile=keyfile, max_frame_mb=max_frame_mb,
         )
         self.nodes: dict[str, DialedWorker] = {}
+        self.relay = RelayRouter(self._relay_send)
         self._sessions: dict[str, str] = {}
         self._changed: asyncio.Condition | None = None  # made on the IO loop
 
@@ -111,20 +126,39 @@ class NodeListener:
         if worker is None:
             max_mb = self.max_frame_mb
 
+            router = self.relay
+
             def link(endpoint: Endpoint) -> AcceptedLink:
-                return AcceptedLink(endpoint, node_id, max_frame_mb=max_mb)
+                accepted = AcceptedLink(endpoint, node_id, max_frame_mb=max_mb)
+                accepted.relay = lambda message: router.handle(node_id, message)
+                return accepted
 
             worker = DialedWorker(self.federation, node_id, link=link, timeout=self.timeout)
             self.nodes[node_id] = worker
         elif self.federation.workers.get(node_id) is not worker:
             self.federation.register(worker)
+        await self.relay.node_gone(node_id)  # channels over an earlier connection are gone
         await worker.link.attach(ws, worker.session.reset)
         changed = self._condition()
         async with changed:
             changed.notify_all()
         await ws.wait_closed()
+        if worker.link._ws is None or getattr(worker.link._ws, "_ws", None) is ws:
+            await self.relay.node_gone(node_id)
         async with changed:
             changed.notify_all()
+
+    async def _relay_send(self, node_id: str, data: Any) -> bool:
+        """Write a relay message on ``node_id``'s connection (False: it is not connected)."""
+        worker = self.nodes.get(node_id)
+        ws = worker.link._ws if worker is not None and worker.connected else None
+        if ws is None:
+            return False
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            return False
+        return True
 
     def connected(self) -> list[DialedWorker]:
         """The workers whose node is connected now, by id."""

@@ -33,6 +33,7 @@ from .handshake import (
     token_matches,
 )
 from .link import Endpoint
+from .relay import RelayTap
 from .websocket import WebsocketLink
 
 __all__ = ["NodeAcceptor", "AcceptedLink", "MAX_NODE_ID_CHARS"]
@@ -52,6 +53,8 @@ class AcceptedLink(WebsocketLink):
         super().__init__(endpoint, "ws://dial-out", name=node_id, expected_id=node_id, max_frame_mb=max_frame_mb)
         self.node_id = node_id
         self._dialout_address = f"dialout://{node_id}"
+        self.relay: Callable[[bytes | bytearray | memoryview], Awaitable[None]] | None = None
+        """Where relay messages from the node go (:class:`~fedws.transport.relay.RelayRouter`)."""
 
     @property
     def address(self) -> str:
@@ -74,7 +77,7 @@ class AcceptedLink(WebsocketLink):
         reset()
         # Server and client connections share one interface (websockets' Connection): the
         # writer and reader use only send, recv and close.
-        self._ws = cast(ClientConnection, ws)
+        self._ws = cast(ClientConnection, ws if self.relay is None else RelayTap(ws, self.relay))
         self._closing = False
         self._wake = asyncio.Event()
         self._tasks = [

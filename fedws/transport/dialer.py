@@ -62,6 +62,7 @@ from .handshake import (
     session_key,
 )
 from .link import FrameHandler
+from .relay import RelayMux, is_relay
 from .websocket import check_websocket_url
 
 __all__ = ["DialOut", "Backoff", "serve_frames", "COORDINATOR_HEADER", "INLINE_MAX_BYTES"]
@@ -104,8 +105,11 @@ async def serve_frames(
     inline: FrameHandler | None,
     may_inline: Callable[[bytes | bytearray | memoryview], bool] | None,
     name: str,
+    on_relay: Callable[[bytes | bytearray | memoryview], Any] | None = None,
 ) -> None:
     """Answer the frames of one connection in order until it closes.
+
+    Relay messages (:mod:`fedws.transport.relay`) go to ``on_relay`` (awaited: back-pressure).
 
     Frames run in one thread of their own (a long computation never stops pings); frames
     ``may_inline`` accepts, with nothing queued before them, are answered on the loop.
@@ -127,8 +131,12 @@ async def serve_frames(
             if isinstance(message, str):
                 await ws.close(1003, "fedws speaks binary msgpack frames")
                 break
+            if on_relay is not None and is_relay(message):
+                await on_relay(message)
+                continue
             if inline is not None and may_inline is not None and not in_thread \
-                    and len(message) <= INLINE_MAX_BYTES and may_inline(message):
+                    and isinstance(message, (bytes, bytearray)) and len(message) <= INLINE_MAX_BYTES \
+                    and may_inline(message):
                 answered = loop.create_future()
                 answered.set_result(inline(message))
                 await replies.put(answered)
@@ -193,6 +201,7 @@ class DialOut:
         ping_interval: float | None = 10.0,
         backoff: Backoff | None = None,
         on_connected: Callable[[str, str], None] | None = None,
+        relay: RelayMux | None = None,
     ) -> None:
         if not token:
             raise ValueError("a dial-out node needs a token shared with its coordinator")
@@ -209,6 +218,7 @@ class DialOut:
         self._ping_interval = ping_interval
         self.backoff = backoff if backoff is not None else Backoff()
         self.on_connected = on_connected
+        self.relay = relay  # node-to-node links through the coordinator (None: none)
         self.connections = 0  # handshakes accepted so far
         self._stopped = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -288,10 +298,15 @@ class DialOut:
                  extra={"event": "dial", "principal": self.principal})
         if self.on_connected is not None:
             self.on_connected(name, self.url)
+        if self.relay is not None:
+            self.relay.attach(ws, serve_frames)
         try:
-            await serve_frames(ws, handle, inline, self.answer_inline, self.node_id)
+            await serve_frames(ws, handle, inline, self.answer_inline, self.node_id,
+                               self.relay.receive if self.relay is not None else None)
         finally:
             self._ws = None
+            if self.relay is not None:
+                self.relay.detach()
             if self.close_session is not None:
                 try:
                     self.close_session(self.principal, key)
