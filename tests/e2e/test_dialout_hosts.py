@@ -24,7 +24,6 @@ from torch import nn
 import fedws as sy
 from fedws.fl import FedAvg, FedAvgConfig, training_plan_digest
 from fedws.launch import NodeProcess, start_node
-from fedws.transport.dialer import DialOut
 from fedws.transport.fair_pool import FairPool
 from fedws.transport.guard import FailureLimiter, PendingHandshakes
 
