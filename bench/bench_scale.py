@@ -292,7 +292,7 @@ def plot(rows: list[Row], floor: dict[int, float], path: Path) -> None:
     for label in dict.fromkeys(r.label for r in rows):
         pts = [r for r in rows if r.label == label]
         ax.plot([r.nodes for r in pts], [r.wall for r in pts], "o-", label=f"fedws {label} (wall)")
-        ax.plot([r.nodes for r in pts], [r.cpu for r in pts], "o--", label=f"fedws {label} (CPU)")
+        ax.plot([r.nodes for r in pts], [r.cpu for r in pts], "o--", label=f"fedws {label} ({'CPU' if label == 'in-process' else 'coordinator CPU'})")
     ax.plot(list(floor), list(floor.values()), "s:", label="plain PyTorch, no runtime")
     ax.axhline(GOAL_SECONDS, color="grey", lw=0.8)
     ax.plot([GOAL_NODES], [GOAL_SECONDS], "r*", ms=12, label="goal: 1,000 nodes in 1 s")
