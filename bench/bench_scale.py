@@ -8,9 +8,13 @@ Rows:
 - ``in-process``: VirtualWorkers. The nodes run inside the coordinator's process, so the
   round's CPU time is the coordinator's AND every node's; the "node side" column is the
   time spent inside the nodes' frame handlers, the rest is the coordinator's.
-- multi-node hosts and dial-out nodes: NOT measured here yet. They are added through
-  :data:`EXTRA_ROWS` (a name and a function ``n -> (workers, cleanup)``), which
-  :func:`measure` times with the very same round; see the hook below.
+- ``multi-node hosts``: ``HOSTS`` (4) processes of ``fedws worker --nodes n/4``, private
+  nodes with the training plan approved; the coordinator connects to each node at
+  ``ws://127.0.0.1:PORT/ID``. CPU and memory columns are the coordinator's only.
+- ``dial-out nodes``: the same 4 hosts with ``--connect``: every node dials one
+  ``sy.serve(...)`` coordinator, which waits for all n (``wait_for_nodes``).
+  Both go through :data:`EXTRA_ROWS` (a name and a function ``n -> (workers, cleanup)``),
+  timed by :func:`measure` with the very same round.
 - Flower's simulation engine at the same counts when ``flwr`` is importable; skipped with a
   reason when it is not (it needs Ray, which this benchmark does not install).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +44,7 @@ from torch import nn
 
 import fedws as sy
 from fedws.fl import FedAvg, FedAvgConfig
+from fedws.launch import NodeProcess
 
 OUT = Path(__file__).parent / "out"
 GOAL_NODES, GOAL_SECONDS = 1000, 1.0
@@ -50,8 +56,117 @@ ROWS, FEATURES, CLASSES = 16, 8, 2
 # Multi-node hosts (``fedws worker --nodes N``) and dial-out nodes (``--connect``) belong
 # here once they are merged; until then they are reported as not measured.
 Factory = Callable[[int], tuple[list[sy.Worker], Callable[[], None]]]
-EXTRA_ROWS: list[tuple[str, Factory]] = []
 NOT_YET = ["multi-node hosts", "dial-out nodes"]
+HOSTS = 4  # node-host processes for the hosted rows (--hosts)
+HOST_TOKEN = "bench-scale-token"
+
+
+def _host_config(tmp: Path) -> Path:
+    """One node's config for ``fedws worker --nodes N``: 16 rows of the tiny problem (every
+    node of a host serves its own copy of the same shard) and the training plan approved,
+    so the nodes stay private, as deployed."""
+    from safetensors.torch import save_file
+
+    from fedws.fl import training_plan_digest
+
+    x, y = shard(0)
+    save_file({"x": x, "y": y}, str(tmp / "shard.safetensors"))
+    digest = training_plan_digest(make_model(), FedAvgConfig(batch_size=ROWS, lr=0.1),
+                                  x_like=((FEATURES,), torch.float32), y_like=((), torch.int64))
+    lines = ['id = "n"']
+    for key, tag in (("x", "#x"), ("y", "#y")):
+        lines += ["[[data]]", 'file = "shard.safetensors"', f'key = "{key}"', f'tags = ["#train", "{tag}"]']
+    lines += ["[release]", f'approved_plans = ["{digest}"]']
+    (tmp / "token").write_text(HOST_TOKEN + "\n")
+    cfg = tmp / "node.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def _start_hosts(n: int, connect: str | None) -> tuple[list[NodeProcess], Path]:
+    """``HOSTS`` processes of ``fedws worker --nodes n/HOSTS`` (ids ``h{k}-{i}``), started
+    in parallel; listening on port 0, or dialing ``connect``."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedws.launch import start_node
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    cfg = _host_config(tmp)
+    counts = [n // HOSTS + (1 if k < n % HOSTS else 0) for k in range(HOSTS)]
+    extra = ["--threads", "1", "--token-file", str(tmp / "token"), "--log-level", "WARNING"]
+    with ThreadPoolExecutor(HOSTS) as pool:
+        futures = [pool.submit(start_node, cfg, port=0, connect=connect, timeout=300.0, extra_args=[
+            *extra, "--nodes", str(c), "--id-prefix", f"h{k}-"]) for k, c in enumerate(counts) if c]
+    procs = [f.result() for f in futures]
+    return procs, tmp
+
+
+def _host_usage(pid: int) -> tuple[float, float]:
+    """(RSS MB, CPU seconds since start) of a host process."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop_all(procs: list[NodeProcess]) -> None:
+    usage = []
+    for p in procs:
+        try:
+            usage.append(_host_usage(p.pid))
+        except (OSError, StopIteration):
+            pass
+    if usage:
+        print("    hosts: " + ", ".join(f"RSS {r:.0f} MB CPU {c:.1f} s" for r, c in usage)
+              + f" (coordinator RSS {rss_bytes() / 2**20:.0f} MB)", flush=True)
+    for p in procs:
+        p.stop()
+
+
+def multi_node_hosts(n: int) -> tuple[list[sy.Worker], Callable[[], None]]:
+    """Inbound: the coordinator connects to each node at ``ws://127.0.0.1:PORT/ID``."""
+    procs, _ = _start_hosts(n, None)
+    hook = sy.TorchHook(torch, federation=sy.Federation())
+    workers: list[sy.Worker] = []
+    try:
+        for k, p in enumerate(procs):
+            size = n // HOSTS + (1 if k < n % HOSTS else 0)
+            for i in range(size):
+                workers.append(sy.connect(f"{p.url}/h{k}-{i}", HOST_TOKEN, hook=hook, timeout=600.0))
+    except BaseException:
+        _stop_all(procs)
+        raise
+
+    def cleanup() -> None:
+        for w in workers:
+            w.close()
+        _stop_all(procs)
+
+    return workers, cleanup
+
+
+def dial_out_hosts(n: int) -> tuple[list[sy.Worker], Callable[[], None]]:
+    """Dial-out: ``HOSTS`` hosts of ``--nodes n/HOSTS --connect URL`` dial one ``sy.serve``."""
+    hook = sy.TorchHook(torch, federation=sy.Federation())
+    listener = sy.serve("127.0.0.1", 0, token=HOST_TOKEN, hook=hook, timeout=600.0)
+    assert listener.url is not None
+    try:
+        procs, _ = _start_hosts(n, listener.url)
+    except BaseException:
+        listener.close()
+        raise
+    workers: list[sy.Worker] = list(listener.wait_for_nodes(n, timeout=300))
+
+    def cleanup() -> None:
+        _stop_all(procs)
+        listener.close()
+
+    return workers, cleanup
+
+
+EXTRA_ROWS: list[tuple[str, Factory]] = [("multi-node hosts", multi_node_hosts), ("dial-out nodes", dial_out_hosts)]
 
 
 def shard(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +292,7 @@ def plot(rows: list[Row], floor: dict[int, float], path: Path) -> None:
     for label in dict.fromkeys(r.label for r in rows):
         pts = [r for r in rows if r.label == label]
         ax.plot([r.nodes for r in pts], [r.wall for r in pts], "o-", label=f"fedws {label} (wall)")
-        ax.plot([r.nodes for r in pts], [r.cpu for r in pts], "o--", label=f"fedws {label} (CPU)")
+        ax.plot([r.nodes for r in pts], [r.cpu for r in pts], "o--", label=f"fedws {label} ({'CPU' if label == 'in-process' else 'coordinator CPU'})")
     ax.plot(list(floor), list(floor.values()), "s:", label="plain PyTorch, no runtime")
     ax.axhline(GOAL_SECONDS, color="grey", lw=0.8)
     ax.plot([GOAL_NODES], [GOAL_SECONDS], "r*", ms=12, label="goal: 1,000 nodes in 1 s")
@@ -207,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("FedAvg round of Linear(8, 2), 16 examples per node, 1 local epoch; median of "
           f"{rounds} rounds after a warm-up round")
-    print(f"{'hosting':<12} {'nodes':>6} {'wall s':>8} {'CPU s':>8} {'node CPU':>9} "
+    print(f"{'hosting':<16} {'nodes':>6} {'wall s':>8} {'CPU s':>8} {'node CPU':>9} "
           f"{'ms/node':>8} {'msgs/node':>9} {'linear':>7} {'KB/node':>8} {'plain s':>8} {'x plain':>8}")
     rows: list[Row] = []
     floor: dict[int, float] = {}
@@ -227,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             row = run(n)
             rows.append(row)
             first = next(r for r in rows if r.label == row.label)
-            print(f"{row.label:<12} {n:>6} {row.wall:>8.3f} {row.cpu:>8.3f} {row.node_cpu:>9.3f} "
+            print(f"{row.label:<16} {n:>6} {row.wall:>8.3f} {row.cpu:>8.3f} {row.node_cpu:>9.3f} "
                   f"{row.ms_per_node:>8.2f} {row.messages:>9.1f} {row.ms_per_node / first.ms_per_node:>7.2f} "
                   f"{row.mem_per_node / 1024:>8.1f} {floor[n]:>8.4f} {row.wall / floor[n]:>8.1f}", flush=True)
             gc.collect()

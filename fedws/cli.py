@@ -263,6 +263,21 @@ def run_host(args: argparse.Namespace) -> int:
         print(f"fedws worker: {len(ids)} nodes at {url}/ID: {shown}", flush=True)
         print(f"fedws worker host-of-{len(ids)} listening on {url}", flush=True)
 
+    if args.connect:  # every node dials the coordinator (tokens: fedws/node_host.py)
+        from .exceptions import AuthenticationError
+        from .node_host import dial_host
+
+        def dialed(n: int) -> None:
+            print(f"fedws worker: {n} nodes dialed {args.connect}: {shown}", flush=True)
+            print(f"fedws worker host-of-{n} connected to {args.connect}", flush=True)
+
+        try:
+            dial_host(host, args.connect, cafile=args.cafile, ready=dialed)
+        except (ValueError, AuthenticationError) as exc:
+            print(f"fedws worker: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
     try:
         serve_host(host, ready=ready)
     except OSError as exc:

@@ -29,6 +29,7 @@ from .protocol.codec import peek_kinds
 from .protocol.ids import new_id
 from .protocol.messages import Kind
 from .transport.dialer import DialOut
+from .transport.fair_pool import FairPool
 from .transport.handshake import DEFAULT_PRINCIPAL, Credentials, token_digest
 from .transport.link import Chunks, FrameHandler
 from .transport.relay import RelayMux
@@ -282,6 +283,8 @@ class NodeServer:
         *,
         ssl: ssl.SSLContext | None = None,
         on_connected: Callable[[str, str], None] | None = None,
+        pool: FairPool | None = None,
+        gate: asyncio.Semaphore | None = None,
     ) -> DialOut:
         """This node dialing the coordinator at ``url`` instead of listening (run its ``run()``).
 
@@ -306,6 +309,7 @@ class NodeServer:
             self.config.id, url, token, principal=principal, open_session=self._open_session,
             close_session=self._close_session, answer_inline=bounded, ssl=ssl,
             max_frame_mb=self.config.max_frame_mb, on_connected=on_connected, relay=self.relay,
+            pool=pool, gate=gate,
         )
 
     # -- serving -------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class NodeListener:
         self.io = IOThread.get()
         self.acceptor = NodeAcceptor(
             self._on_node, self._session_for, token=token, tokens=tokens, name=name, host=host, port=port,
-            certfile=certfile, keyfile=keyfile, max_frame_mb=max_frame_mb,
+            certfile=certfile, keyfile=keyfile, max_frame_mb=max_frame_mb, connected=self._is_connected,
         )
         self.nodes: dict[str, DialedWorker] = {}
         self.relay = RelayRouter(self._relay_send)
@@ -115,6 +115,10 @@ class NodeListener:
         if key is None:
             key = self._sessions[node_id] = new_session_key()
         return key
+
+    def _is_connected(self, node_id: str) -> bool:
+        worker = self.nodes.get(node_id)
+        return worker is not None and worker.connected
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:

@@ -15,7 +15,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -23,7 +23,7 @@ from websockets.http11 import Request, Response
 
 from ..exceptions import FedwsConnectionError
 from .dialer import COORDINATOR_HEADER
-from .guard import FailureLimiter
+from .guard import FailureLimiter, PendingHandshakes
 from .handshake import (
     CHALLENGE_HEADER,
     NODE_ID_HEADER,
@@ -36,11 +36,68 @@ from .link import Endpoint
 from .relay import RelayTap
 from .websocket import WebsocketLink
 
-__all__ = ["NodeAcceptor", "AcceptedLink", "MAX_NODE_ID_CHARS"]
+__all__ = ["NodeAcceptor", "AcceptedLink", "MAX_NODE_ID_CHARS", "raise_fd_limit", "BACKLOG"]
 
 log = logging.getLogger("fedws.accept")
 
 MAX_NODE_ID_CHARS = 128
+
+BACKLOG = 1024
+"""Connections the kernel queues before the loop accepts them (asyncio's default is 100:
+a few hundred nodes redialling at once after a coordinator restart would overflow it)."""
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft limit on open files towards its hard limit; returns it.
+
+    Every connection is a file descriptor: a coordinator with 1,000 dial-out nodes needs
+    more than the common default soft limit of 1,024. The hard limit is the operator's
+    (``ulimit -Hn``, systemd ``LimitNOFILE=``); this never asks beyond it.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # pragma: no cover - a sandbox may forbid it
+            log.warning("could not raise the open-files limit from %d to %d", soft, target)
+            return soft
+        log.info("raised the open-files limit from %d to %d", soft, target)
+        return target
+    return soft
+
+
+def guarded_connection(guard: PendingHandshakes, label: str) -> type[ServerConnection]:
+    """A connection class that counts itself as a pending handshake of its address until
+    its handshake ends; over ``guard``'s cap it is aborted at once (as
+    :class:`~fedws.transport.server.FrameServer` does for inbound nodes)."""
+
+    class GuardedConnection(ServerConnection):
+        _pending_address: str | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            if guard.begin(address):
+                self._pending_address = address
+                return
+            if guard.first_refusal(address):  # once per burst, not per connection
+                log.warning("%s: %s holds %d unfinished handshakes; closing its new connections",
+                            label, address, guard.per_address)
+            getattr(transport, "abort", transport.close)()
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                if self._pending_address is not None:
+                    guard.end(self._pending_address)
+                    self._pending_address = None
+
+    return GuardedConnection
 
 
 class AcceptedLink(WebsocketLink):
@@ -98,6 +155,13 @@ class NodeAcceptor:
         name: what this coordinator calls itself in the proof.
         host, port: where to listen (port 0: a free one, kept on restart).
         certfile, keyfile: serve ``wss://``.
+        auth_limiter: wrong tokens per address (then HTTP 429 for a while). Only failures
+            count: a host's hundreds of nodes presenting the right token never trip it.
+        pending: connections per address not past their handshake yet; over the cap the
+            connection is closed at once (a dial-out host keeps fewer in flight, see
+            :data:`fedws.node_host.DIAL_CONCURRENCY`, and redials what was refused).
+        connected: whether a node id has a connection now; a second one is refused
+            (HTTP 409), so two hosts claiming one id cannot take turns evicting each other.
     """
 
     def __init__(
@@ -116,6 +180,8 @@ class NodeAcceptor:
         handshake_timeout: float = 10.0,
         ping_interval: float | None = 10.0,
         auth_limiter: FailureLimiter | None = None,
+        pending: PendingHandshakes | None = None,
+        connected: Callable[[str], bool] | None = None,
     ) -> None:
         if not token and not tokens:
             raise ValueError("a coordinator accepting nodes needs a token (or one per node)")
@@ -130,6 +196,8 @@ class NodeAcceptor:
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.auth_limiter = auth_limiter if auth_limiter is not None else FailureLimiter()
+        self.pending = pending if pending is not None else PendingHandshakes()
+        self.connected = connected
         self._server: Server | None = None
         self.url: str | None = None
 
@@ -153,6 +221,9 @@ class NodeAcceptor:
             if verdict.log or verdict.blocked:
                 log.warning("coordinator: refused node %r from %s: wrong or missing token", node_id[:40], address)
             return connection.respond(HTTPStatus.UNAUTHORIZED, "fedws: invalid or missing token\n")
+        if self.connected is not None and self.connected(node_id):
+            log.warning("coordinator: refused node %r from %s: a node of that id is connected", node_id[:40], address)
+            return connection.respond(HTTPStatus.CONFLICT, "fedws: a node of this id is connected already\n")
         return None
 
     def _prove(self, connection: ServerConnection, request: Request, response: Response) -> Response:
@@ -175,6 +246,7 @@ class NodeAcceptor:
 
     async def start(self) -> str:
         """Start listening; returns the URL (the port stays the same across restarts)."""
+        raise_fd_limit()
         ssl_ctx = None
         if self.certfile:
             ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -190,6 +262,8 @@ class NodeAcceptor:
             ssl=ssl_ctx,
             max_queue=64,
             write_limit=2**20,
+            backlog=BACKLOG,
+            create_connection=guarded_connection(self.pending, self.name),
             open_timeout=self.handshake_timeout,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_interval,

@@ -50,6 +50,7 @@ from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ..exceptions import AuthenticationError, FedwsConnectionError
+from .fair_pool import FairPool
 from .frames import fragments, receive
 from .handshake import (
     CHALLENGE_HEADER,
@@ -106,17 +107,21 @@ async def serve_frames(
     may_inline: Callable[[bytes | bytearray | memoryview], bool] | None,
     name: str,
     on_relay: Callable[[bytes | bytearray | memoryview], Any] | None = None,
+    pool: FairPool | None = None,
 ) -> None:
     """Answer the frames of one connection in order until it closes.
 
     Relay messages (:mod:`fedws.transport.relay`) go to ``on_relay`` (awaited: back-pressure).
 
-    Frames run in one thread of their own (a long computation never stops pings); frames
-    ``may_inline`` accepts, with nothing queued before them, are answered on the loop.
-    Returns once every frame handed on has run (its reply sent or dropped).
+    Frames run in one thread of their own (a long computation never stops pings), or, with
+    ``pool``, on the host's shared :class:`~fedws.transport.fair_pool.FairPool` (still in
+    order, taking turns with the host's other connections); frames ``may_inline`` accepts,
+    with nothing queued before them, are answered on the loop. Returns once every frame
+    handed on has run (its reply sent or dropped).
     """
     loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{name}")
+    executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{name}") if pool is None else None
+    turn = object()  # this connection's key in the pool
     replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
     writer = asyncio.create_task(_write_replies(ws, replies))
     in_thread = 0
@@ -142,7 +147,8 @@ async def serve_frames(
                 await replies.put(answered)
                 continue
             in_thread += 1
-            job = loop.run_in_executor(executor, handle, message)
+            job = loop.run_in_executor(executor, handle, message) if pool is None \
+                else asyncio.wrap_future(pool.submit(turn, handle, message), loop=loop)
             job.add_done_callback(done)
             await replies.put(job)
     except ConnectionClosed:
@@ -150,7 +156,8 @@ async def serve_frames(
     finally:
         await replies.put(None)
         await asyncio.gather(writer, return_exceptions=True)
-        executor.shutdown(wait=False)
+        if executor is not None:
+            executor.shutdown(wait=False)
 
 
 async def _write_replies(ws: Connection, replies: asyncio.Queue[Any]) -> None:
@@ -183,6 +190,10 @@ class DialOut:
         max_frame_mb: largest frame accepted.
         backoff: the redial schedule (default :class:`Backoff` ()).
         on_connected: ``(coordinator name, url)``, called after every accepted handshake.
+        pool: the host's shared compute pool (None: a thread of this connection's own).
+        gate: the host's cap on handshakes in flight (None: no cap); a host of hundreds of
+            nodes dials a few at a time, so the coordinator's per-address limit on pending
+            handshakes never refuses it.
     """
 
     def __init__(
@@ -202,6 +213,8 @@ class DialOut:
         backoff: Backoff | None = None,
         on_connected: Callable[[str, str], None] | None = None,
         relay: RelayMux | None = None,
+        pool: FairPool | None = None,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         if not token:
             raise ValueError("a dial-out node needs a token shared with its coordinator")
@@ -219,6 +232,9 @@ class DialOut:
         self.backoff = backoff if backoff is not None else Backoff()
         self.on_connected = on_connected
         self.relay = relay  # node-to-node links through the coordinator (None: none)
+        self.pool = pool
+        self.gate = gate
+        self.start_delay = 0.0  # seconds before the first dial (a host spreads its nodes' dials)
         self.connections = 0  # handshakes accepted so far
         self._stopped = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -250,6 +266,10 @@ class DialOut:
             status = exc.response.status_code
             if status in (401, 403):
                 raise AuthenticationError(f"the coordinator at {self.url} refused this node's token") from None
+            if status == 409:
+                raise FedwsConnectionError(
+                    f"the coordinator at {self.url} has a node {self.node_id!r} connected already (two hosts "
+                    "with the same ids? give each its own --id-prefix)") from None
             raise FedwsConnectionError(f"the coordinator at {self.url} answered HTTP {status}") from None
         except TimeoutError:
             raise FedwsConnectionError(f"no answer from {self.url} within {self.connect_timeout} s") from None
@@ -275,9 +295,15 @@ class DialOut:
         Raises:
             AuthenticationError: the token was refused or the coordinator's proof failed.
         """
+        if self.start_delay > 0:
+            await self._sleep(self.start_delay)
         while not self._stopped.is_set():
             try:
-                ws, name, key = await self.connect_once()
+                if self.gate is None:
+                    ws, name, key = await self.connect_once()
+                else:
+                    async with self.gate:
+                        ws, name, key = await self.connect_once()
             except AuthenticationError:
                 raise
             except FedwsConnectionError as exc:
@@ -302,7 +328,7 @@ class DialOut:
             self.relay.attach(ws, serve_frames)
         try:
             await serve_frames(ws, handle, inline, self.answer_inline, self.node_id,
-                               self.relay.receive if self.relay is not None else None)
+                               self.relay.receive if self.relay is not None else None, self.pool)
         finally:
             self._ws = None
             if self.relay is not None:

@@ -358,6 +358,54 @@ def test_k8s_manifests_reference_what_they_define(tmp_path: Path) -> None:
     assert {"token", "tls.crt", "tls.key"} <= secret_keys
 
 
+def test_k8s_node_hosts_dial_out_with_distinct_ids(tmp_path: Path) -> None:
+    """deploy/k8s/node-hosts.yaml: a StatefulSet of dial-out node hosts (README "Simulating
+    at scale"): nothing listens, every pod names its nodes after itself, the token and the
+    coordinator's certificate come from the Secret, and fedws parses the pod's command."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "node-hosts.yaml").read_text()))
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    (sts,) = by_kind["StatefulSet"].values()
+    assert sts["spec"]["serviceName"] in by_kind["Service"]
+    assert by_kind["Service"][sts["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+    spec = sts["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and str(spec["securityContext"]["runAsUser"]) == NODE_UID
+    (container,) = spec["containers"]
+    assert "ports" not in container  # dial-out: the pods only open outbound connections
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    args = container["args"]
+    assert args[args.index("--id-prefix") + 1] == "$(POD_NAME)-"
+    assert any(e["name"] == "POD_NAME" and e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+               for e in container["env"])
+    assert args[args.index("--connect") + 1].startswith("wss://")
+    mounts = {m["name"]: m["mountPath"].rstrip("/") for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set(mounts) <= set(volumes)
+    (secret,) = by_kind["Secret"].values()
+    assert volumes["token"]["secret"]["secretName"] == secret["metadata"]["name"]
+    for option in ("--token-file", "--cafile"):
+        path = args[args.index(option) + 1]
+        assert path.startswith(mounts["token"] + "/") and path.rsplit("/", 1)[1] in secret["stringData"]
+    from fedws.cli import build_parser
+
+    parsed = build_parser().parse_args(args)
+    assert parsed.nodes * sts["spec"]["replicas"] == 1000 and parsed.connect
+    (cm,) = by_kind["ConfigMap"].values()
+    text = cm["data"]["node.toml"]
+    assert tomllib.loads(text).get("policy", "private") == "private"
+    for name in ("token", "data"):
+        (tmp_path / name).mkdir()
+        text = text.replace(mounts[name] + "/", f"{tmp_path / name}/")
+    (tmp_path / "token" / "token").write_text("a-token\n")
+    (tmp_path / "data" / "shard.safetensors").write_bytes(b"")
+    (tmp_path / "node.toml").write_text(text)
+    from fedws.node_config import load_configs
+
+    (loaded,) = load_configs(tmp_path / "node.toml")
+    assert [t.principal for t in loaded.tokens] == ["coordinator"] and loaded.policy == "private"
+
+
 # -- systemd ----------------------------------------------------------------------------------
 
 
