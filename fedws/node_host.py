@@ -41,14 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import ssl as ssl_module
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from .node.audit import open_audit_log
 from .node_config import NodeConfig
-from .node_process import NodeServer
+from .node_process import NodeServer, Stoppable
 from .transport.dialer import DialOut
 from .transport.fair_pool import FairPool
 from .transport.link import Chunks
@@ -100,7 +99,7 @@ def check_ids(configs: Sequence[NodeConfig]) -> None:
         seen.add(cfg.id)
 
 
-class NodeHost:
+class NodeHost(Stoppable):
     """Several logical nodes behind one socket, each reached at ``URL/ID``.
 
     Args:
@@ -218,18 +217,6 @@ class NodeHost:
             dialer.start_delay = random.uniform(0, spread)
             dialers.append(dialer)
         return dialers
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def install_signal_handlers(self) -> None:
-        """SIGINT and SIGTERM stop the host cleanly (main thread of a running loop only)."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._stopped.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
 
     async def serve_until_stopped(self) -> None:
         """Run until :meth:`stop`, SIGINT or SIGTERM, then close every connection."""

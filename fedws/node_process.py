@@ -57,7 +57,26 @@ PEER_REFUSED = "this node links only to the peers its operator listed ([[peers]]
 connection attempt, whatever is (or is not) at the address — so a node is no port scanner."""
 
 
-class NodeServer:
+class Stoppable:
+    """What a serving process shares: ``stop()``, SIGINT and SIGTERM set one event that
+    ``serve_until_stopped`` waits on (a node, or a host of many)."""
+
+    _stopped: asyncio.Event
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM stop cleanly (main thread of a running loop only)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._stopped.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+
+
+class NodeServer(Stoppable):
     """A worker node listening on a WebSocket.
 
     Args:
@@ -317,18 +336,6 @@ class NodeServer:
     async def start(self) -> str:
         """Start listening; returns the URL (with the real port when port 0 was asked)."""
         return await self.server.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def install_signal_handlers(self) -> None:
-        """SIGINT and SIGTERM stop the node cleanly (main thread of a running loop only)."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._stopped.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
 
     async def serve_until_stopped(self) -> None:
         """Run until :meth:`stop`, SIGINT or SIGTERM, then close connections cleanly."""
