@@ -22,6 +22,7 @@ from .client.websocket_worker import WebsocketClientWorker
 from .exceptions import OpNotAllowedError
 from .hook import TorchHook
 from .node.audit import open_audit_log
+from .node.inline import cheap_frame
 from .node.policy import Caller, Policy
 from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
 from .protocol.codec import peek_kinds
@@ -91,7 +92,7 @@ class NodeServer:
             config.id,
             self._handle,
             handle_inline=self.worker.handle_frame,
-            answer_inline=bounded,
+            answer_inline=self._cheap,
             host=config.host,
             port=config.port,
             token=config.token,
@@ -216,6 +217,10 @@ class NodeServer:
             peer_secret=secret,
         )
         self.worker.peers[worker_id] = peer
+
+    def _cheap(self, frame: bytes | bytearray) -> bool:
+        """Whether ``frame`` is cheap enough to answer on the event loop (see fedws.node.inline)."""
+        return cheap_frame(frame, self.worker.node.store)
 
     def _handle(self, frame: bytes | bytearray | memoryview) -> Chunks:
         sent_before = {pid: p.session.last_seq for pid, p in list(self.worker.peers.items())}
