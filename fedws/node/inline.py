@@ -83,18 +83,24 @@ def _cheap_cmd(msg: Any, store: ObjectStore) -> bool:
     args, kwargs = msg[3], msg[4]
     if type(args) is not list or type(kwargs) is not dict or len(kwargs) > 4:
         return False
-    shapes: list[torch.Size] = []
+    shapes: list[tuple[int, ...]] = []
     for value in [*args, *kwargs.values()]:
         if type(value) is ObjRef:
             value = store.objects.get(value.id)
+            if value is None:  # not there yet (or never): its size is unknown
+                return False
         if type(value) in (torch.Tensor, torch.nn.Parameter):
             if value.numel() > MAX_ELEMENTS or value.is_sparse:
                 return False
             shapes.append(value.shape)
         elif not isinstance(value, _PLAIN):
             return False
-    try:
-        out = torch.broadcast_shapes(*shapes).numel() if shapes else 1
-    except RuntimeError:
-        return True  # the op fails at once, cheaply
-    return out <= MAX_ELEMENTS
+    return _broadcast_bound(shapes) <= MAX_ELEMENTS
+
+
+def _broadcast_bound(shapes: list[tuple[int, ...]]) -> int:
+    """Elements of the shapes broadcast together (an upper bound when they do not broadcast)."""
+    out = 1
+    for i in range(1, max((len(s) for s in shapes), default=0) + 1):
+        out *= max(s[-i] if len(s) >= i else 1 for s in shapes)
+    return out
