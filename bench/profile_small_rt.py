@@ -13,9 +13,9 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import threading
-import statistics
 import time
 
 import torch
