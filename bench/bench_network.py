@@ -193,9 +193,11 @@ def main() -> None:
     rpc_pipe = baselines.rpc_measure("pipeline", n_pipe)
     rpc_big = baselines.rpc_measure("transfer", reps, nbytes)
 
-    print("1. round trip of one small op + get (median)")
+    print("1. round trip of one small op + get (median)   goal: <= 2x echo, <= 0.4x rpc")
     row("vs raw websocket echo (the floor)", ours_rt, echo_rt, "us", "raw echo", False)
     row("vs torch rpc_sync", ours_rt, rpc_rt, "us", "rpc_sync", False)
+    met = ours_rt <= 2 * echo_rt and ours_rt <= 0.4 * rpc_rt
+    print(f"  one small op + get(): {ours_rt / echo_rt:.2f}x echo, {ours_rt / rpc_rt:.2f}x rpc_sync  goal <= 2x echo, <= 0.4x rpc: {'met' if met else 'NOT met'}")
     print(f"2. pipelined dependent ops ({n_pipe}, then one get)")
     row("vs torch rpc_async pipelined", ours_pipe, rpc_pipe, "ops/s", "rpc_async", True)
     gb = nbytes / 1e9

@@ -23,6 +23,7 @@ from .client.websocket_worker import WebsocketClientWorker
 from .exceptions import OpNotAllowedError
 from .hook import TorchHook
 from .node.audit import open_audit_log
+from .node.inline import cheap_frame
 from .node.policy import Caller, Policy
 from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
 from .protocol.codec import peek_kinds
@@ -115,7 +116,7 @@ class NodeServer(Stoppable):
             config.id,
             self._handle,
             handle_inline=self.worker.handle_frame,
-            answer_inline=bounded,
+            answer_inline=self._cheap,
             host=config.host,
             port=config.port,
             token=config.token,
@@ -265,6 +266,10 @@ class NodeServer(Stoppable):
         if entry is None:
             raise PermissionError(peer_id)
         return entry.secret()
+
+    def _cheap(self, frame: bytes | bytearray | memoryview) -> bool:
+        """Whether ``frame`` is cheap enough to answer on the event loop (see fedws.node.inline)."""
+        return cheap_frame(frame, self.worker.node.store)
 
     def _handle(self, frame: bytes | bytearray | memoryview) -> Chunks:
         sent_before = {pid: p.session.last_seq for pid, p in list(self.worker.peers.items())}

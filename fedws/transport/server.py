@@ -19,6 +19,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,8 @@ log = logging.getLogger("fedws.server")
 _PENDING_FRAMES = 64  # per connection: frames handed to the thread but not answered yet
 INLINE_MAX_BYTES = 1 << 16
 """Frames larger than this always go to the connection's thread."""
+INLINE_BUDGET_S = 0.002
+"""Inline work after which a connection lets the loop serve others (pings, connections)."""
 
 
 class FrameServer:
@@ -261,6 +264,7 @@ class FrameServer:
         writer = asyncio.create_task(self._write_replies(ws, replies, zstd))
         may_inline = self.answer_inline
         in_thread = 0  # frames of this connection handed to its thread and not done
+        spent = 0.0  # inline work since this connection last let the loop go
 
         def done(_: Any) -> None:
             nonlocal in_thread
@@ -286,10 +290,17 @@ class FrameServer:
                     and len(message) <= INLINE_MAX_BYTES
                     and may_inline(message)
                 ):
-                    # Bounded work, nothing of ours queued before it: answer on the loop.
+                    # Bounded work, nothing of ours queued before it: answer on the loop,
+                    # saving the hop to the thread and back. A run of such frames arriving
+                    # back to back lets the loop go every INLINE_BUDGET_S.
                     answered = loop.create_future()
+                    start = time.perf_counter()
                     answered.set_result(inline(message))
+                    spent += time.perf_counter() - start
                     await replies.put(answered)
+                    if spent > INLINE_BUDGET_S:
+                        spent = 0.0
+                        await asyncio.sleep(0)
                     continue
                 in_thread += 1
                 job = loop.run_in_executor(executor, handle, message)
