@@ -26,9 +26,7 @@ from .node.audit import open_audit_log
 from .node.inline import cheap_frame
 from .node.policy import Caller, Policy
 from .node_config import NodeConfig, PeerEntry, load_tensor, same_url
-from .protocol.codec import peek_kinds
 from .protocol.ids import new_id
-from .protocol.messages import Kind
 from .transport.dialer import DialOut
 from .transport.fair_pool import FairPool
 from .transport.handshake import DEFAULT_PRINCIPAL, Credentials, token_digest
@@ -37,21 +35,9 @@ from .transport.relay import RelayMux
 from .transport.server import FrameServer
 from .virtual import VirtualWorker
 
-__all__ = ["NodeServer", "serve", "bounded", "dial"]
+__all__ = ["NodeServer", "serve", "dial"]
 
 log = logging.getLogger("fedws.server")
-
-# Requests whose cost does not depend on what the caller asks the node to compute. A frame
-# of only these may be answered on the event loop; torch commands and plans never are, so a
-# long computation cannot hold up pings or other coordinators.
-_BOUNDED_KINDS = frozenset({Kind.PING, Kind.INFO, Kind.SEARCH, Kind.GET, Kind.DELETE})
-
-
-def bounded(frame: bytes | bytearray | memoryview) -> bool:
-    """Whether every request of ``frame`` is bounded work (safe to answer on the loop)."""
-    kinds = peek_kinds(frame)
-    return kinds is not None and all(k in _BOUNDED_KINDS for k in kinds)
-
 
 PEER_REFUSED = "this node links only to the peers its operator listed ([[peers]] in its config)"
 """The one answer to an ADD_PEER the config does not allow: the same text, at once, with no
@@ -327,11 +313,11 @@ class NodeServer(Stoppable):
         dialing = bytes.fromhex(token_digest(token))  # the coordinator's own: never a relayed peer's
         self.relay = RelayMux(
             self.config.id, open_session=self._open_session, close_session=self._close_session,
-            listed_secret=self._relay_secret, digests=[d for d in digests if d[1] != dialing], answer_inline=bounded,
+            listed_secret=self._relay_secret, digests=[d for d in digests if d[1] != dialing], answer_inline=self._cheap,
         )
         return DialOut(
             self.config.id, url, token, principal=principal, open_session=self._open_session,
-            close_session=self._close_session, answer_inline=bounded, ssl=ssl,
+            close_session=self._close_session, answer_inline=self._cheap, ssl=ssl,
             max_frame_mb=self.config.max_frame_mb, on_connected=on_connected, relay=self.relay,
             pool=pool, gate=gate,
         )

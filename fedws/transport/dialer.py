@@ -41,17 +41,14 @@ import logging
 import random
 import ssl as ssl_module
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ..exceptions import AuthenticationError, FedwsConnectionError
 from .fair_pool import FairPool
-from .frames import fragments, receive
 from .handshake import (
     CHALLENGE_HEADER,
     NODE_ID_HEADER,
@@ -64,17 +61,16 @@ from .handshake import (
 )
 from .link import FrameHandler
 from .relay import RelayMux, is_relay
+from .serving import PENDING_FRAMES, serve_frames
 from .websocket import check_websocket_url
 
-__all__ = ["DialOut", "Backoff", "serve_frames", "COORDINATOR_HEADER", "INLINE_MAX_BYTES"]
+__all__ = ["DialOut", "Backoff", "COORDINATOR_HEADER"]
 
 log = logging.getLogger("fedws.dialer")
 
 COORDINATOR_HEADER = "X-Fedws-Coordinator"
 """Response header in which a coordinator accepting dial-out nodes names itself."""
 
-INLINE_MAX_BYTES = 1 << 16
-_PENDING_FRAMES = 64
 
 OpenSession = Callable[[str, str, str | None], tuple[FrameHandler, FrameHandler | None]]
 CloseSession = Callable[[str, str], None]
@@ -98,81 +94,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-async def serve_frames(
-    ws: Connection,
-    handle: FrameHandler,
-    inline: FrameHandler | None,
-    may_inline: Callable[[bytes | bytearray | memoryview], bool] | None,
-    name: str,
-    on_relay: Callable[[bytes | bytearray | memoryview], Any] | None = None,
-    pool: FairPool | None = None,
-) -> None:
-    """Answer the frames of one connection in order until it closes.
-
-    Relay messages (:mod:`fedws.transport.relay`) go to ``on_relay`` (awaited: back-pressure).
-
-    Frames run in one thread of their own (a long computation never stops pings), or, with
-    ``pool``, on the host's shared :class:`~fedws.transport.fair_pool.FairPool` (still in
-    order, taking turns with the host's other connections); frames ``may_inline`` accepts,
-    with nothing queued before them, are answered on the loop. Returns once every frame
-    handed on has run (its reply sent or dropped).
-    """
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{name}") if pool is None else None
-    turn = object()  # this connection's key in the pool
-    replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
-    writer = asyncio.create_task(_write_replies(ws, replies))
-    in_thread = 0
-
-    def done(_: Any) -> None:
-        nonlocal in_thread
-        in_thread -= 1
-
-    try:
-        while True:
-            message = await receive(ws)
-            if isinstance(message, str):
-                await ws.close(1003, "fedws speaks binary msgpack frames")
-                break
-            if on_relay is not None and is_relay(message):
-                await on_relay(message)
-                continue
-            if inline is not None and may_inline is not None and not in_thread \
-                    and isinstance(message, (bytes, bytearray)) and len(message) <= INLINE_MAX_BYTES \
-                    and may_inline(message):
-                answered = loop.create_future()
-                answered.set_result(inline(message))
-                await replies.put(answered)
-                continue
-            in_thread += 1
-            job = loop.run_in_executor(executor, handle, message) if pool is None \
-                else asyncio.wrap_future(pool.submit(turn, handle, message), loop=loop)
-            job.add_done_callback(done)
-            await replies.put(job)
-    except ConnectionClosed:
-        pass
-    finally:
-        await replies.put(None)
-        await asyncio.gather(writer, return_exceptions=True)
-        if executor is not None:
-            executor.shutdown(wait=False)
-
-
-async def _write_replies(ws: Connection, replies: asyncio.Queue[Any]) -> None:
-    closed = False
-    while True:
-        pending = await replies.get()
-        if pending is None:
-            return
-        reply = await pending
-        if closed:
-            continue
-        try:
-            await ws.send(fragments(reply))
-        except ConnectionClosed:
-            closed = True
 
 
 class DialOut:
@@ -259,7 +180,7 @@ class DialOut:
             ws = await asyncio.wait_for(
                 ws_connect(self.url, additional_headers=headers, compression=None, max_size=self._max_size,
                            ping_interval=self._ping_interval, ping_timeout=self._ping_interval,
-                           open_timeout=None, max_queue=_PENDING_FRAMES, write_limit=2**20, **tls),
+                           open_timeout=None, max_queue=PENDING_FRAMES, write_limit=2**20, **tls),
                 self.connect_timeout,
             )
         except InvalidStatus as exc:
@@ -327,8 +248,8 @@ class DialOut:
         if self.relay is not None:
             self.relay.attach(ws, serve_frames)
         try:
-            await serve_frames(ws, handle, inline, self.answer_inline, self.node_id,
-                               self.relay.receive if self.relay is not None else None, self.pool)
+            await serve_frames(ws, handle, inline, self.answer_inline, self.node_id, pool=self.pool,
+                               on_relay=self.relay.receive if self.relay is not None else None, is_relay=is_relay)
         finally:
             self._ws = None
             if self.relay is not None:

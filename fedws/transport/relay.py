@@ -346,7 +346,7 @@ class RelayMux:
 
     def attach(self, ws: Any, serve_frames: ServeFrames) -> None:
         """Channels run over ``ws`` from now on; ``serve_frames`` answers a called channel's
-        frames as the connection's own are answered (:func:`fedws.transport.dialer.serve_frames`)."""
+        frames as the connection's own are answered (:func:`fedws.transport.serving.serve_frames`)."""
         self.loop = asyncio.get_running_loop()
         self._ws = ws
         self._serve_frames = serve_frames
@@ -473,7 +473,7 @@ async def _handshake(chan: Channel, me: str, token: str, secret: bytes | None, s
 
 
 class _ChannelSocket:
-    """The three methods :func:`~fedws.transport.dialer.serve_frames` uses, over a channel."""
+    """The three methods :func:`~fedws.transport.serving.serve_frames` uses, over a channel."""
 
     def __init__(self, chan: Channel) -> None:
         self.chan = chan

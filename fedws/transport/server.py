@@ -19,21 +19,15 @@ import asyncio
 import logging
 import re
 import ssl
-import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ..exceptions import DecodeError
 from .compress import available as compress_available
-from .compress import deflate, inflate, is_compressed
-from .frames import fragments, receive
 from .guard import FailureLimiter, PendingHandshakes
 from .handshake import (
     CHALLENGE_HEADER,
@@ -50,16 +44,12 @@ from .handshake import (
 )
 from .link import FrameHandler
 from .memory import tune_malloc
+from .serving import PENDING_FRAMES, serve_frames
 
-__all__ = ["FrameServer", "INLINE_MAX_BYTES", "node_name"]
+__all__ = ["FrameServer", "node_name"]
 
 log = logging.getLogger("fedws.server")
 
-_PENDING_FRAMES = 64  # per connection: frames handed to the thread but not answered yet
-INLINE_MAX_BYTES = 1 << 16
-"""Frames larger than this always go to the connection's thread."""
-INLINE_BUDGET_S = 0.002
-"""Inline work after which a connection lets the loop serve others (pings, connections)."""
 
 
 class FrameServer:
@@ -242,7 +232,6 @@ class FrameServer:
         if target is not self:  # one of several nodes behind this socket: its server runs it
             await target._connection(ws)
             return
-        loop = asyncio.get_running_loop()
         handle, inline = self.handle, self.handle_inline
         opened: tuple[str, str] | None = None
         if self.open_session is not None:
@@ -257,86 +246,19 @@ class FrameServer:
             session = key or new_session_key()
             handle, inline = self.open_session(principal, session, address)
             opened = (principal, session)
-        executor = ThreadPoolExecutor(1, thread_name_prefix=f"fedws-{self.node_id}")
-        replies: asyncio.Queue[Any] = asyncio.Queue(_PENDING_FRAMES)
         req = ws.request
         zstd = req is not None and req.headers.get(COMPRESS_HEADER) == "zstd" and compress_available()
-        writer = asyncio.create_task(self._write_replies(ws, replies, zstd))
-        may_inline = self.answer_inline
-        in_thread = 0  # frames of this connection handed to its thread and not done
-        spent = 0.0  # inline work since this connection last let the loop go
-
-        def done(_: Any) -> None:
-            nonlocal in_thread
-            in_thread -= 1
-
         try:
-            while True:
-                message = await receive(ws)
-                if isinstance(message, str):
-                    await ws.close(1003, "fedws speaks binary msgpack frames")
-                    break
-                if zstd and is_compressed(message):
-                    try:  # bounded: the declared size is checked against max_size first
-                        message = inflate(message, int(self.max_frame_mb * 2**20))
-                    except DecodeError as exc:
-                        await ws.close(1007, f"fedws: {exc}"[:120])
-                        break
-                if (
-                    inline is not None
-                    and may_inline is not None
-                    and not in_thread
-                    and isinstance(message, (bytes, bytearray))  # large frames are pool views
-                    and len(message) <= INLINE_MAX_BYTES
-                    and may_inline(message)
-                ):
-                    # Bounded work, nothing of ours queued before it: answer on the loop,
-                    # saving the hop to the thread and back. A run of such frames arriving
-                    # back to back lets the loop go every INLINE_BUDGET_S.
-                    answered = loop.create_future()
-                    start = time.perf_counter()
-                    answered.set_result(inline(message))
-                    spent += time.perf_counter() - start
-                    await replies.put(answered)
-                    if spent > INLINE_BUDGET_S:
-                        spent = 0.0
-                        await asyncio.sleep(0)
-                    continue
-                in_thread += 1
-                job = loop.run_in_executor(executor, handle, message)
-                job.add_done_callback(done)
-                # Let go of the frame before waiting for the next one: its buffer goes back
-                # to the frame pool once the objects decoded from it are gone.
-                message = b""
-                await replies.put(job)
-        except ConnectionClosed:
-            pass
+            await serve_frames(
+                ws, handle, inline, self.answer_inline, self.node_id,
+                max_inflated=int(self.max_frame_mb * 2**20) if zstd else None,
+            )
         finally:
-            await replies.put(None)
-            await asyncio.gather(writer, return_exceptions=True)  # every frame handed on is done
-            executor.shutdown(wait=False)
             if opened is not None and self.close_session is not None:
                 try:
                     self.close_session(*opened)
                 except Exception:  # never let bookkeeping break the server
                     log.exception("node %s: close_session failed", self.node_id)
-
-    async def _write_replies(self, ws: ServerConnection, replies: asyncio.Queue[Any], zstd: bool = False) -> None:
-        # Once the connection is gone, frames already handed on still run to the end (their
-        # replies are dropped), so when this returns no frame of the connection is running.
-        closed = False
-        while True:
-            pending = await replies.get()
-            if pending is None:
-                return
-            reply = await pending
-            if closed:
-                continue
-            try:
-                await ws.send(fragments(deflate(reply) if zstd else reply))
-            except ConnectionClosed:
-                closed = True
-            pending = reply = None  # a sent reply may hold a frame buffer: let it go
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -360,7 +282,7 @@ class FrameServer:
             process_request=self._guarded_request,
             process_response=self._add_id_header,
             ssl=ssl_ctx,
-            max_queue=_PENDING_FRAMES,
+            max_queue=PENDING_FRAMES,
             write_limit=2**20,
             open_timeout=self.handshake_timeout,
             create_connection=self._connection_class(),
