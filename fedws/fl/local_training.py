@@ -403,13 +403,15 @@ def start_local_training(
             # The indices travel inline with the call: one message per step.
             idx = order[lo : lo + config.batch_size]
             step_losses.append(sgd_step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
-    end, done = barrier_nowait(worker)
-    futures = [done, fetch_nowait(loss_sum)]
+    # The barrier and the fetches wait for the flush below: the whole run is one frame.
+    end, done = barrier_nowait(worker, urgent=False)
+    futures = [done, fetch_nowait(loss_sum, urgent=False)]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():
             keys.append(key)
-            futures.append(fetch_nowait(ptr))
+            futures.append(fetch_nowait(ptr, urgent=False))
+    worker.flush()
     return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys, step_losses)
 
 
@@ -461,13 +463,15 @@ def _start_step_training(
             i += 1
             step_losses.append(step_plan(data.x, data.y, idx, lr_t, mu_t, loss_sum, params, buffers, opt_state, anchor))
     step_losses.extend(anchor)
-    end, done = barrier_nowait(worker)
-    futures = [done, fetch_nowait(loss_sum)]
+    # The barrier and the fetches wait for the flush below: the whole run is one frame.
+    end, done = barrier_nowait(worker, urgent=False)
+    futures = [done, fetch_nowait(loss_sum, urgent=False)]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():
             keys.append(key)
-            futures.append(fetch_nowait(ptr))
+            futures.append(fetch_nowait(ptr, urgent=False))
+    worker.flush()
     return LocalRun(data, model, start, end, futures, seen, keys, step_losses, loss_sum)
 
 
