@@ -357,7 +357,7 @@ def copy_for_node(model: nn.Module) -> nn.Module:
         got = memo.get(id(t))
         if got is None:
             got = memo[id(t)] = copy.deepcopy(t)  # a Parameter stays a Parameter (and its subclass)
-        return got  # type: ignore[no-any-return]
+        return got
 
     def module(m: nn.Module) -> nn.Module:
         got = memo.get(id(m))

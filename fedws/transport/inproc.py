@@ -170,7 +170,8 @@ class InprocLink:
         if self._closed:
             return
         with _held_lock:
-            held = _held.pop(self, None) is not None
+            held = self in _held
+            _held.pop(self, None)
         if held:  # what was sent before close reaches the node, as it always did
             self._run()
         self._closed = True
