@@ -340,6 +340,41 @@ def _architecture(model: nn.Module) -> Hashable:
     return modules, tensors
 
 
+def copy_for_node(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` to send to one node: fresh parameters and buffers (sending turns
+    them into pointers), fresh module objects and their parameter/buffer/child dicts.
+
+    Cheaper than ``copy.deepcopy`` (a third of a round's coordinator time at 1,000 tiny
+    nodes), which also rebuilds every attribute: here the other attributes (hyper-
+    parameters, hook dicts) are shared with ``model``. That is safe because the copy is
+    only a holder of pointers for one round: it is sent, its state fetched or moved, and
+    dropped; its ``forward`` never runs here. Tied parameters and shared submodules stay
+    tied and shared, as with deepcopy.
+    """
+    memo: dict[int, Any] = {}
+
+    def tensor(t: torch.Tensor) -> torch.Tensor:
+        got = memo.get(id(t))
+        if got is None:
+            got = memo[id(t)] = copy.deepcopy(t)  # a Parameter stays a Parameter (and its subclass)
+        return got
+
+    def module(m: nn.Module) -> nn.Module:
+        got = memo.get(id(m))
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+        new = object.__new__(type(m))
+        memo[id(m)] = new
+        attrs = m.__dict__.copy()
+        attrs["_parameters"] = {k: None if p is None else tensor(p) for k, p in m._parameters.items()}
+        attrs["_buffers"] = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
+        attrs["_modules"] = {k: None if c is None else module(c) for k, c in m._modules.items()}
+        new.__dict__.update(attrs)
+        return new
+
+    return module(model)
+
+
 def start_local_training(
     global_model: nn.Module,
     data: NodeData,
@@ -389,7 +424,7 @@ def start_local_training(
     loss_sum = torch.zeros((), dtype=dtype).send(worker)  # type: ignore[attr-defined]  # installed by the hook
     start = loss_sum.seq
     sgd_step = (plans or TrainingPlans()).for_node(global_model, data, config, loss_fn)
-    model = copy.deepcopy(global_model)
+    model = copy_for_node(global_model)
     model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
     params = list(model.parameters())
     buffers = list(model.buffers())
@@ -403,13 +438,15 @@ def start_local_training(
             # The indices travel inline with the call: one message per step.
             idx = order[lo : lo + config.batch_size]
             step_losses.append(sgd_step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
-    end, done = barrier_nowait(worker)
-    futures = [done, fetch_nowait(loss_sum)]
+    # The barrier and the fetches wait for the flush below: the whole run is one frame.
+    end, done = barrier_nowait(worker, urgent=False)
+    futures = [done, fetch_nowait(loss_sum, urgent=False)]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():
             keys.append(key)
-            futures.append(fetch_nowait(ptr))
+            futures.append(fetch_nowait(ptr, urgent=False))
+    worker.flush()
     return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys, step_losses)
 
 
@@ -435,7 +472,7 @@ def _start_step_training(
     start = mark(worker)  # the user's step: a ping is cheap beside its plan calls
     proximal = mu > 0
     step_plan = plans.for_node(global_model, data, config, None, step, proximal)
-    model = copy.deepcopy(global_model)
+    model = copy_for_node(global_model)
     model.send(worker)  # type: ignore[operator]  # Module.send is installed by the hook
     params = list(model.parameters())
     buffers = list(model.buffers())
@@ -461,13 +498,15 @@ def _start_step_training(
             i += 1
             step_losses.append(step_plan(data.x, data.y, idx, lr_t, mu_t, loss_sum, params, buffers, opt_state, anchor))
     step_losses.extend(anchor)
-    end, done = barrier_nowait(worker)
-    futures = [done, fetch_nowait(loss_sum)]
+    # The barrier and the fetches wait for the flush below: the whole run is one frame.
+    end, done = barrier_nowait(worker, urgent=False)
+    futures = [done, fetch_nowait(loss_sum, urgent=False)]
     keys: list[str] = []
     if fetch_state:
         for key, ptr in model.state_dict(keep_vars=True).items():
             keys.append(key)
-            futures.append(fetch_nowait(ptr))
+            futures.append(fetch_nowait(ptr, urgent=False))
+    worker.flush()
     return LocalRun(data, model, start, end, futures, seen, keys, step_losses, loss_sum)
 
 

@@ -60,15 +60,26 @@ def search_nowait(worker: Worker, tags: list[str]) -> Future[list[PointerTensor]
     return out
 
 
-def fetch_nowait(ptr: PointerTensor) -> Future[Any]:
+def _ask(worker: Worker, kind: Kind, *fields: Any, urgent: bool) -> tuple[int, Future[Any]]:
+    """Submit a request for a value; ``urgent=False`` lets the link hold it for the next
+    urgent flush (the caller flushes the worker before it waits): one frame per burst."""
+    if urgent:
+        seq, fut = worker.submit(kind, *fields, want_value=True)
+    else:
+        seq, fut, _borrowed = worker.session.submit(kind, *fields, want_value=True)  # no tensor: never borrowed
+        worker.link.flush(urgent=False)
+    assert fut is not None
+    return seq, fut
+
+
+def fetch_nowait(ptr: PointerTensor, *, urgent: bool = True) -> Future[Any]:
     """A copy of the pointed-to value, without removing it from the node.
 
     The node keeps the object until the pointer is dropped, so a fetch that arrives too
-    late (a dropped node) leaves nothing behind either.
+    late (a dropped node) leaves nothing behind either. ``urgent=False``: the caller
+    flushes the worker (``worker.flush()``) once its burst of requests is queued.
     """
-    _, fut = ptr.location.submit(Kind.GET, ptr.id_at_location, False, want_value=True)
-    assert fut is not None
-    return fut
+    return _ask(ptr.location, Kind.GET, ptr.id_at_location, False, urgent=urgent)[1]
 
 
 def mark(worker: Worker) -> int:
@@ -77,11 +88,10 @@ def mark(worker: Worker) -> int:
     return seq
 
 
-def barrier_nowait(worker: Worker) -> tuple[int, Future[Any]]:
-    """A ping whose future resolves once every request sent before it has run."""
-    seq, fut = worker.submit(Kind.PING, want_value=True)
-    assert fut is not None
-    return seq, fut
+def barrier_nowait(worker: Worker, *, urgent: bool = True) -> tuple[int, Future[Any]]:
+    """A ping whose future resolves once every request sent before it has run
+    (``urgent=False``: as for :func:`fetch_nowait`)."""
+    return _ask(worker, Kind.PING, urgent=urgent)
 
 
 def first_error(worker: Worker, start_seq: int, end_seq: int) -> RemoteError | None:

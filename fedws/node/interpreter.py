@@ -27,7 +27,7 @@ from .store import Failure, ObjectStore
 
 __all__ = [
     "execute", "flat_tensors", "flat_outputs", "store_plan", "run_plan", "StoredPlan", "local_resolver",
-    "TENSOR_FEDWS_OPS", "load_plan", "check_call", "in_node_torch_state",
+    "TENSOR_FEDWS_OPS", "load_plan", "check_call", "in_node_torch_state", "compile_steps",
 ]
 
 _R = TypeVar("_R")
@@ -127,6 +127,56 @@ def _load(obj: Any, regs: list[Any]) -> Any:
     return tree_map(lambda x: regs[x.id] if type(x) is ObjRef else x, obj)
 
 
+_CONTAINERS = (list, tuple, dict, set)
+
+
+class _Step:
+    """One plan op resolved once: its callable, and its arguments as a template whose
+    register slots are filled per call (no tree walk per op per call)."""
+
+    __slots__ = ("name", "fn", "args", "arg_refs", "kwargs", "kw_refs", "nested", "grad", "results")
+
+    def __init__(self, op: Any, fn: Callable[..., Any] | None) -> None:
+        self.name: str = op.name
+        self.fn = fn  # None: not allowed; raised when the run reaches this op, as before
+        self.grad: bool = op.grad
+        self.results: list[int] = op.results
+        self.kwargs: dict[str, Any] = op.kwargs or {}
+        self.args: Any = op.args
+        self.arg_refs: list[tuple[int, int]] = []
+        self.kw_refs: list[tuple[str, int]] = []
+        # Flat arguments (the common case) are filled by position; anything nested keeps
+        # the general walk.
+        self.nested = type(op.args) not in (list, tuple) or any(type(a) in _CONTAINERS for a in op.args) or any(
+            type(v) in _CONTAINERS for v in self.kwargs.values()
+        )
+        if not self.nested:
+            self.arg_refs = [(i, a.id) for i, a in enumerate(op.args) if type(a) is ObjRef]
+            self.kw_refs = [(k, v.id) for k, v in self.kwargs.items() if type(v) is ObjRef]
+
+    def load(self, regs: list[Any]) -> tuple[Any, dict[str, Any]]:
+        if self.nested:
+            return _load(self.args, regs), (_load(self.kwargs, regs) if self.kwargs else {})
+        args = list(self.args)
+        for i, r in self.arg_refs:
+            args[i] = regs[r]
+        if type(self.args) is tuple:
+            args = tuple(args)  # type: ignore[assignment]
+        kwargs = self.kwargs
+        if self.kw_refs:
+            kwargs = dict(kwargs)
+            for k, r in self.kw_refs:
+                kwargs[k] = regs[r]
+        elif kwargs:
+            kwargs = dict(kwargs)
+        return args, kwargs
+
+
+def compile_steps(code: PlanCode, resolver: Callable[[str], Callable[..., Any] | None]) -> list[_Step]:
+    """``code``'s ops resolved through ``resolver`` once, for :func:`execute` to run many times."""
+    return [_Step(op, resolver(op.name)) for op in code.ops]
+
+
 def execute(
     code: PlanCode,
     inputs: list[Any],
@@ -135,49 +185,56 @@ def execute(
     *,
     worker: str | None = None,
     guard: Callable[[str, Callable[..., Any], Any, dict[str, Any]], None] | None = None,
+    steps: list[_Step] | None = None,
 ) -> list[Any]:
     """Run ``code`` on ``inputs`` and ``state``; return the output values.
 
     ``guard(op, fn, args, kwargs)`` is called before each op runs (a node's memory budget:
-    it raises to refuse the op).
+    it raises to refuse the op). ``steps``: ``compile_steps(code, resolver)`` made earlier
+    (a stored plan keeps them); without them the ops are resolved for this run.
 
     Raises:
         PlanError: an op failed; the message names the op, its position and the cause.
     """
     if len(inputs) != code.n_inputs:
         raise TypeError(f"plan {code.name!r} takes {code.n_inputs} input tensors, got {len(inputs)}")
+    if steps is None:
+        steps = compile_steps(code, resolver)
     regs: list[Any] = [*inputs, *state]
     regs.extend([None] * (code.n_registers - len(regs)))
     grad_before = grad_on = torch.is_grad_enabled()
     try:
-        for i, op in enumerate(code.ops):
+        for i, step in enumerate(steps):
             try:
-                fn = resolver(op.name)
+                fn = step.fn
                 if fn is None:
-                    raise KeyError(f"op {op.name!r} is not allowed")
-                args = _load(op.args, regs)
-                kwargs = _load(op.kwargs, regs) if op.kwargs else {}
+                    raise KeyError(f"op {step.name!r} is not allowed")
+                args, kwargs = step.load(regs)
                 if guard is not None:
-                    guard(op.name, fn, args, kwargs)
-                if op.grad != grad_on:
-                    torch.set_grad_enabled(op.grad)
-                    grad_on = op.grad
+                    guard(step.name, fn, args, kwargs)
+                if step.grad != grad_on:
+                    torch.set_grad_enabled(step.grad)
+                    grad_on = step.grad
                 out = fn(*args, **kwargs)
-                if op.results:
+                results = step.results
+                if results:
+                    if len(results) == 1 and isinstance(out, torch.Tensor):
+                        regs[results[0]] = out
+                        continue
                     values = flat_outputs(out)
-                    if len(values) != len(op.results):
-                        raise TypeError(f"gave {len(values)} results, the plan expects {len(op.results)}")
-                    for r, v in zip(op.results, values):
+                    if len(values) != len(results):
+                        raise TypeError(f"gave {len(values)} results, the plan expects {len(results)}")
+                    for r, v in zip(results, values):
                         regs[r] = v
             except MemoryBudgetError:
                 raise  # refused before it ran: the caller sees the budget, not a failed step
             except Exception as exc:
                 cause = getattr(exc, "remote_message", None) if isinstance(exc, FedwsError) else None
                 raise PlanError(
-                    f"plan {code.name!r} failed at step {i + 1} of {len(code.ops)} ({op.name}): "
+                    f"plan {code.name!r} failed at step {i + 1} of {len(steps)} ({step.name}): "
                     f"{type(exc).__name__}: {cause or exc}",
                     worker=worker,
-                    op=op.name,
+                    op=step.name,
                     remote_type="PlanError",
                 ) from exc
     finally:
@@ -189,12 +246,23 @@ def execute(
 class StoredPlan:
     """A checked plan as a node keeps it in its store, with its state tensors."""
 
-    __slots__ = ("code", "state", "digest")
+    __slots__ = ("code", "state", "digest", "_compiled")
 
     def __init__(self, code: PlanCode, state: list[torch.Tensor], digest: str | None = None) -> None:
         self.code = code
         self.state = state
         self.digest = digest  # set by a node that enforces a policy (fedws.node.policy.plan_digest)
+        self._compiled: tuple[Callable[[str], Callable[..., Any] | None], list[_Step]] | None = None
+
+    def steps(self, resolver: Callable[[str], Callable[..., Any] | None]) -> list[_Step]:
+        """The plan's ops resolved through ``resolver``, kept for the next run with the same
+        resolver (the node's ``resolve_op``: its own ops and the allowlist, fixed at start)."""
+        kept = self._compiled
+        if kept is not None and kept[0] == resolver:
+            return kept[1]
+        steps = compile_steps(self.code, resolver)
+        self._compiled = (resolver, steps)
+        return steps
 
     def __repr__(self) -> str:
         return f"<Plan {self.code.name} ops:{len(self.code.ops)} state:{len(self.state)}>"
@@ -234,7 +302,9 @@ def run_plan(
     stored = load_plan(store, request.plan_id, worker)
     check_call(stored.code, request)
     inputs = flat_tensors(resolve_args(request.args))
-    outputs = execute(stored.code, inputs, stored.state, resolver, worker=worker, guard=guard)
+    outputs = execute(
+        stored.code, inputs, stored.state, resolver, worker=worker, guard=guard, steps=stored.steps(resolver)
+    )
     for rid, value in zip(request.result_ids, outputs):
         store.set(rid, value)
 

@@ -408,7 +408,14 @@ def _histogram(args: list[Any], kwargs: dict[str, Any]) -> int:
     return int((2 * n + 2) * max(x.element_size(), 8))
 
 
+def _backward(args: list[Any], kwargs: dict[str, Any]) -> int:
+    # What the catch-all below gives it, without first trying meta with 0-d tensors as
+    # numbers (autograd never runs on those: it only cost every training step a meta run).
+    return sum(t.numel() * _UNKNOWN_PER_DIM * (t.dim() + 3) for t in _leaves((args, kwargs)))
+
+
 _VALUE_BOUNDS: dict[str, Callable[[list[Any], dict[str, Any]], int]] = {
+    "backward": _backward,
     "bincount": _bincount,
     "repeat_interleave": _repeat_interleave,
     "one_hot": _one_hot,

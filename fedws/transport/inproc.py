@@ -2,7 +2,11 @@
 
 A :class:`fedws.VirtualWorker` is a worker handle on this link: every request is encoded,
 handed to the node's frame handler as bytes and answered before ``flush`` returns, exactly
-as a remote node would answer it. The registry lets ``connect("inproc://bob")`` open a
+as a remote node would answer it. A request nobody waits on yet (``flush(urgent=False)``)
+is held, like the WebSocket link holds it for a millisecond, so the requests of a burst
+share one frame; any urgent flush, of any in-process link, first runs every held frame in
+the order they were held, so nothing can observe a node before what was sent to it earlier
+(the in-process node has no thread of its own to run them "a millisecond later"). The registry lets ``connect("inproc://bob")`` open a
 second handle (a second coordinator session) to a node already living in this process.
 """
 
@@ -17,10 +21,28 @@ from urllib.parse import urlsplit
 from ..exceptions import ConnectionLostError, FedwsConnectionError, FedwsError
 from .link import Endpoint, FrameHandler
 
-__all__ = ["InprocLink", "register_node", "unregister_node", "lookup_node", "inproc_name"]
+__all__ = ["InprocLink", "register_node", "unregister_node", "lookup_node", "inproc_name", "run_held"]
 
 _registry: dict[str, Callable[[], FrameHandler | None]] = {}
 _registry_lock = threading.Lock()
+# Links holding frames nobody waits on yet, oldest first (an ordered set); see flush().
+_held: dict[InprocLink, None] = {}
+_held_lock = threading.Lock()
+# Links whose node is running a frame on this thread: a nested flush must not run their
+# next frame inside the current one (replies must come back in the order frames left).
+_running = threading.local()
+
+
+def run_held() -> None:
+    """Run every held in-process frame now, oldest link first (what an urgent flush does)."""
+    while _held:
+        with _held_lock:
+            busy: set[InprocLink] = getattr(_running, "links", set())
+            link = next((k for k in _held if k not in busy), None)
+            if link is None:
+                return
+            del _held[link]
+        link._run()
 
 
 def register_node(name: str, handler: FrameHandler) -> None:
@@ -102,14 +124,39 @@ class InprocLink:
         return not self._closed
 
     def flush(self, *, urgent: bool = True) -> None:
-        """Run every queued frame through the node now (in process there is nothing to batch)."""
+        """Run the queued requests through the node: now, or with the next urgent flush.
+
+        ``urgent=False`` (nobody waits on an answer yet) holds them, so a burst of commands
+        shares one frame. An urgent flush runs every held frame of every in-process link
+        first, in the order they were held, then this link's: whatever waits (a value, an
+        ack, ``_objects``, another node fetching from this one) sees everything sent before.
+        """
+        if self._closed:
+            return
+        if not urgent:
+            with _held_lock:
+                _held[self] = None
+            return
+        run_held()
+        self._run()
+
+    def _run(self) -> None:
         if self._closed:
             return
         endpoint, handler = self.endpoint, self.handler
         with self._lock:
-            while (frame := endpoint.take_frame()) is not None:
-                reply = handler(b"".join(frame))
-                endpoint.receive(b"".join(reply))
+            busy: set[InprocLink] | None = getattr(_running, "links", None)
+            if busy is None:
+                busy = _running.links = set()
+            nested = self in busy
+            busy.add(self)
+            try:
+                while (frame := endpoint.take_frame()) is not None:
+                    reply = handler(b"".join(frame))
+                    endpoint.receive(b"".join(reply))
+            finally:
+                if not nested:
+                    busy.discard(self)
 
     def flush_soon(self) -> None:
         """Nothing: it may run inside ``__del__``; the next flush carries the requests."""
@@ -122,6 +169,11 @@ class InprocLink:
         """Stop delivering frames; pending requests fail with ConnectionLostError."""
         if self._closed:
             return
+        with _held_lock:
+            held = self in _held
+            _held.pop(self, None)
+        if held:  # what was sent before close reaches the node, as it always did
+            self._run()
         self._closed = True
         self.endpoint.link_lost(self._lost(f"connection to {self._address or 'the node'} was closed"))
 
