@@ -20,6 +20,7 @@ returned.
 from __future__ import annotations
 
 import math
+import traceback
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
@@ -111,6 +112,7 @@ def get_chunked(
             pending.popleft()
     except (FedwsConnectionError, FedwsTimeoutError) as exc:
         dest = flat = None  # type: ignore[assignment]  # nothing half-received is kept
+        traceback.clear_frames(exc.__traceback__)  # not even through the traceback's frames
         _close(worker, sid, meta_id, *(rid for _, _, _, rid in pending))
         raise type(exc)(
             f"get of object {obj_id} from worker {worker.id!r} stopped after {got} of {total} bytes "
