@@ -147,7 +147,7 @@ def bench_compression(n: int) -> None:
                 walls[label] = statistics.median(runs)
             ratio = wire / raw
 
-            def at(bps: float) -> float:
+            def at(bps: float, wire: int = wire, raw: int = raw, walls: dict[str, float] = walls) -> float:
                 return (walls["on"] + 2 * wire * 8 / bps) / (walls["off"] + 2 * raw * 8 / bps)
 
             print(f"  {name:34} {raw / MiB:8.1f} {ratio:6.2f} {walls['on'] / walls['off']:6.2f} "

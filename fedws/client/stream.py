@@ -46,7 +46,7 @@ def should_stream(worker: Any, shape: Any, dtype: torch.dtype) -> bool:
     above = getattr(worker.link, "stream_above", None)
     if above is None or shape is None:
         return False
-    return math.prod(int(s) for s in shape) * dtype.itemsize > above
+    return bool(math.prod(int(s) for s in shape) * dtype.itemsize > above)
 
 
 def store_chunked(worker: Any, tensor: torch.Tensor, *, obj_id: int, chunk_bytes: int = CHUNK_BYTES) -> int:
