@@ -479,6 +479,12 @@ class Node:
             self.audit.released(self._frame.caller, req.obj_id, _nbytes(value), "open")
         return self._finish_get(req, _plan_wire(value))
 
+    def release_for_stream(self, obj_id: Any, remove: Any, release: Any) -> Any:
+        """What a GET of ``obj_id`` by the current caller would return, every check and
+        release rule applied once: a read stream (:mod:`fedws.node.streams`) sends it by ranges."""
+        req = Get.parse([obj_id, remove] if release is None else [obj_id, remove, release])
+        return (self._checked if self.enforce else self._handlers)[Kind.GET](req)
+
     def _finish_get(self, req: Get, value: Any) -> Any:
         self.budget.check_reply(value, req.obj_id)
         if req.remove:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch._C import DisableTorchFunctionSubclass
 
+from ..client.stream import get_chunked, should_stream
 from ..exceptions import PointerError
 from ..protocol.codec import DTYPE_NAMES, DTYPES, PointerRef
 from ..protocol.ids import new_id
@@ -160,7 +161,11 @@ class PointerTensor(RemoteResult, torch.Tensor):
         """
         self.check_live()
         fields = (self.id_at_location, True, "dp") if dp else (self.id_at_location, True)
-        value = self.location.request(Kind.GET, *fields, timeout=timeout)
+        sig = self.signature
+        if sig is not None and should_stream(self.location, sig.shape, self._dtype()):  # over one frame
+            value = get_chunked(self.location, self.id_at_location, release="dp" if dp else None, timeout=timeout)
+        else:
+            value = self.location.request(Kind.GET, *fields, timeout=timeout)
         self.finish_get(value)
         return value
 

@@ -25,7 +25,7 @@ from typing import Any
 from ..exceptions import DecodeError
 from .memory import frame_buffer
 
-__all__ = ["MAGIC", "MIN_BYTES", "available", "wanted", "deflate", "inflate", "is_compressed"]
+__all__ = ["MAGIC", "MIN_BYTES", "SAMPLE_BYTES", "available", "wanted", "deflate", "inflate", "is_compressed", "sample_pays"]
 
 MAGIC = b"FWZ1\xff\xff\xff\xff"
 _SIZE = struct.Struct("<Q")
@@ -33,6 +33,9 @@ MIN_BYTES = 64 << 10
 """Frames smaller than this are sent as they are (latency matters more there)."""
 _WORTH = 0.9
 """Send the compressed form only if it is at most this fraction of the raw frame."""
+SAMPLE_BYTES = 64 << 10
+"""A frame of at least twice this is judged on a sample first: float32 weights barely
+compress, and compressing all of a 64 MiB frame to learn that costs more than sending it."""
 
 
 def _zstd() -> Any | None:
@@ -60,6 +63,24 @@ def deflate(chunks: list[bytes | memoryview], level: int = 1) -> list[bytes | me
     zstd = _zstd()
     if zstd is None:
         return chunks
+    if total >= 2 * SAMPLE_BYTES and not sample_pays(chunks, level):
+        return chunks
+    return _pack(chunks, total, zstd, level)
+
+
+def sample_pays(chunks: list[bytes | memoryview], level: int = 1) -> bool:
+    """Whether :data:`SAMPLE_BYTES` from the middle of the frame's largest chunk (a tensor's
+    data, past any header) compress to at most :data:`_WORTH` of their size."""
+    zstd = _zstd()
+    if zstd is None:
+        return False
+    big = memoryview(max(chunks, key=len)).cast("B")
+    start = max(0, (len(big) - SAMPLE_BYTES) // 2)
+    sample = big[start : start + SAMPLE_BYTES]
+    return len(zstd.ZstdCompressor(level=level).compress(sample)) <= _WORTH * len(sample)
+
+
+def _pack(chunks: list[bytes | memoryview], total: int, zstd: Any, level: int) -> list[bytes | memoryview]:
     cctx = zstd.ZstdCompressor(level=level)
     co = cctx.compressobj(size=total)
     parts = [co.compress(c) for c in chunks]

@@ -58,3 +58,23 @@ def test_a_link_compresses_only_when_both_sides_agree(node_pool: NodePool) -> No
     finally:
         on.close()
         off.close()
+
+
+def test_a_large_frame_is_judged_on_a_64k_sample_before_all_of_it_is_compressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    packed: list[int] = []
+    pack = compress._pack
+
+    def counting(chunks: list[bytes | memoryview], total: int, *args: object) -> list[bytes | memoryview]:
+        packed.append(total)
+        return pack(chunks, total, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compress, "_pack", counting)
+    noise = codec.encode(torch.randn(1 << 20))  # 4 MiB of float32 noise: the sample says no
+    assert not compress.sample_pays(noise)
+    assert compress.deflate(noise) is noise and packed == []
+    sparse = codec.encode(_sparse_half(1 << 20))  # the sample says yes: all of it is compressed
+    assert compress.sample_pays(sparse)
+    out = compress.deflate(sparse)
+    assert compress.is_compressed(out[0]) and packed == [sum(len(c) for c in sparse)]
+    raw = b"".join(sparse)
+    assert bytes(compress.inflate(b"".join(out), len(raw))) == raw
