@@ -13,10 +13,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["bench_network.py", "bench_plans.py", "bench_plans_concurrency.py", "bench_secagg.py", "bench_scale.py"]
-SCRIPTS.append("bench_node_memory.py")
-SCRIPTS.append("bench_coordinator.py")  # FedAvg round 1 and per-op cost (issue 12)
-SCRIPTS.append("bench_stream.py")  # tensors over the frame limit; compression (issue 12)
+SCRIPTS = [
+    "bench_network.py",  # small round trip, pipelined ops, bulk tensors (issue 12)
+    "bench_coordinator.py",  # FedAvg round 1 and per-op cost (issue 12)
+    "bench_stream.py",  # tensors over the frame limit; compression (issue 12)
+    "bench_plans.py",
+    "bench_plans_concurrency.py",
+    "bench_secagg.py",  # a round with SecAgg / SecAgg+ vs without (issue 11)
+    "bench_scale.py",  # FedAvg round at 10 / 100 / 1,000 nodes (issue 14)
+    "bench_node_memory.py",  # memory per idle node in a multi-node host (issue 14)
+]
 # Scripts that take --quick; every benchmark should.
 ACCEPTS_QUICK = set(SCRIPTS)
 TIMEOUT_S = 900  # per script; a hung benchmark fails the run instead of blocking it
