@@ -1,6 +1,7 @@
 """Logging set-up for the ``fedws`` command: readable lines by default, JSON for machines.
 
-A node logs one line per connection, plan run, release and refusal, and one when it stops
+A node logs one line per connection, plan run, release under a rule (a caller's own results:
+DEBUG) and refusal, and one when it stops
 (loggers ``fedws.node`` and ``fedws.server``). The audit log (``audit_log`` in a node config)
 is a separate file with its own format, written whatever the log level.
 
