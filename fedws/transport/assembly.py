@@ -34,6 +34,8 @@ from websockets.frames import CTRL_OPCODES, CloseCode, Frame, Opcode
 from websockets.protocol import SERVER
 from websockets.streams import StreamReader
 
+from .memory import message_pool
+
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - the C extension is missing
@@ -127,12 +129,6 @@ def install(ws: Any) -> Assembly | None:
     return state
 
 
-def _mapping(size: int) -> mmap.mmap:
-    """Private anonymous memory: only private mappings may grow by ``mremap`` (a shared
-    one is backed by a fixed-size object; touching the grown part raises SIGBUS)."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
 def _innermost(gen: Any) -> str | None:
     """Name of the generator function ``gen`` is suspended in, following ``yield from``."""
     for _ in range(8):
@@ -196,7 +192,7 @@ def _parse(protocol: Any, state: Assembly) -> Generator[None, None, None]:
                 continue
 
             if buf is None:
-                buf = _mapping(max(length, _PAGE) if fin else max(2 * length, 1 << 20, _PAGE))
+                buf = message_pool.take(max(length, _PAGE) if fin else max(2 * length, 1 << 20, _PAGE))
                 size = 0
             elif size + length > len(buf):
                 grown = max(size + length, 2 * len(buf))
@@ -213,6 +209,7 @@ def _parse(protocol: Any, state: Assembly) -> Generator[None, None, None]:
                     if len(buf) > -(-size // _PAGE) * _PAGE:
                         buf.resize(size)  # give back what doubling reserved
                     state.ready.append(memoryview(buf)[:size])
+                    message_pool.give_back(buf)
                     protocol.recv_frame(Frame(Opcode.BINARY, ASSEMBLED))
                 buf, size = None, 0
     except ProtocolError as exc:
