@@ -46,7 +46,7 @@ __all__ = ["install", "Assembly", "ASSEMBLED", "DIRECT_MIN_BYTES"]
 DIRECT_MIN_BYTES = 1 << 16
 """Unfragmented binary frames at least this large are read into a mapping of their own."""
 
-ASSEMBLED = bytes(b"\x00fedws: message assembled out of band\x00")
+ASSEMBLED = b"\x00fedws: message assembled out of band\x00"
 """Placeholder the library delivers for a message in :attr:`Assembly.ready` (by identity:
 a peer's bytes are always new objects)."""
 
@@ -117,7 +117,7 @@ def install(ws: Any) -> Assembly | None:
         return None
     if protocol.reader.buffer or protocol.reader.eof:
         return None
-    reader = protocol.reader
+    reader: Any = protocol.reader
     reader.__class__ = _DirectReader
     reader.dest = None
     reader.pos = reader.end = reader.offset = 0
