@@ -31,6 +31,7 @@ from .transport.dialer import DialOut
 from .transport.fair_pool import FairPool
 from .transport.handshake import DEFAULT_PRINCIPAL, Credentials, token_digest
 from .transport.link import Chunks, FrameHandler
+from .transport.memory import limit_message_pool
 from .transport.relay import RelayMux
 from .transport.server import FrameServer
 from .virtual import VirtualWorker
@@ -78,6 +79,8 @@ class NodeServer(Stoppable):
         self.worker = VirtualWorker(
             self.hook, id=config.id, max_store_mb=config.max_store_mb, max_memory_mb=config.max_memory_mb
         )
+        if config.max_memory_mb is not None:
+            limit_message_pool(int(config.max_memory_mb * 2**20) // 4)  # idle pooled pages are not in its budget
         node = self.worker.node
         node.add_peer = self._add_peer
         node.policy = Policy(config.policy, frozenset(config.approved_plans), config.dp, roles=roles(config))

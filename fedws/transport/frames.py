@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..protocol.codec import VIEW_MIN_BYTES
+from .assembly import ASSEMBLED, install
 from .memory import frame_buffer
 
 __all__ = ["fragments", "receive", "stream_sizes", "FRAGMENT", "CHUNK_BYTES"]
@@ -67,10 +68,12 @@ def fragments(chunks: list[bytes | memoryview]) -> bytes | list[bytes | memoryvi
 async def receive(ws: Any) -> bytes | bytearray | memoryview | str:
     """One whole message from ``ws``; raises ``ConnectionClosed`` when the link ends.
 
-    Fragments of a large message are assembled into one writable buffer of its own (a
-    single copy, into memory nobody zero-filled first: :func:`.memory.frame_buffer`), so
-    the codec can hand out its tensors as views instead of copying them again.
+    Large binary messages are read by :mod:`.assembly` straight from the socket into one
+    mapping of their own (installed on the connection at its first message), so the codec
+    can hand out their tensors as views with no copy in between. Where that parser could
+    not be installed, fragments are assembled here into one writable buffer (one copy).
     """
+    state = install(ws)
     parts: list[Any] = []
     size = 0
     async for fragment in ws.recv_streaming():
@@ -78,6 +81,8 @@ async def receive(ws: Any) -> bytes | bytearray | memoryview | str:
         size += len(fragment)
     if not parts:
         return b""
+    if parts[0] is ASSEMBLED and state is not None:
+        return state.ready.popleft()
     if isinstance(parts[0], str):
         return "".join(parts)
     if len(parts) == 1 and size < VIEW_MIN_BYTES:

@@ -35,6 +35,9 @@ __all__ = [
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
     "MAPPED_MIN_BYTES",
+    "MessagePool",
+    "message_pool",
+    "limit_message_pool",
 ]
 
 # glibc's mallopt parameters (malloc.h).
@@ -158,3 +161,95 @@ def frame_buffer(size: int) -> bytearray | memoryview:
             return memoryview(mmap.mmap(-1, size))
         except OSError as exc:
             raise MemoryError(f"cannot map a {size}-byte frame: {exc}") from None
+
+
+class MessagePool:
+    """Private anonymous mappings that large incoming messages are read into, kept for reuse.
+
+    A fresh mapping costs a page fault per 4 KiB page the first time it is written (35-50 ms
+    per 64 MiB here, several times the copy itself); a mapping reused for the next message
+    of the same size costs none. :mod:`.assembly` takes a mapping when a message starts,
+    grows it (``mremap``: no copy) or shrinks it to the message's size, and gives it back
+    when the message is complete; the message's tensors are views of it, and it is handed
+    out again only once its reference count says nothing refers to it. At most ``budget``
+    bytes of mappings are kept; a mapping that does not fit is not kept (it is unmapped with
+    its last view). On an allocation failure every idle mapping is unmapped before the one
+    retry, so a memory-limited process never fails for memory the pool holds idle.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._maps: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @property
+    def pooled_bytes(self) -> int:
+        return sum(len(m) for m in self._maps)
+
+    def take(self, size: int) -> mmap.mmap:
+        """A private mapping of at least ``size`` bytes, out of the pool (contents undefined).
+
+        The idle mapping closest in size is resized to ``size`` if it is smaller, so a run of
+        messages of one size reuses the same pages.
+        """
+        with self._lock:
+            best = -1
+            for i in range(len(self._maps)):  # by index: a loop variable would be a reference
+                if _idle(self._maps, i) and (
+                    best < 0 or abs(len(self._maps[i]) - size) < abs(len(self._maps[best]) - size)
+                ):
+                    best = i
+            if best >= 0:
+                m = self._maps.pop(best)
+                if len(m) < size:
+                    try:
+                        m.resize(size)
+                    except (OSError, ValueError):
+                        m.close()
+                        self._release_idle_locked()
+                        return _private(size)
+                return m
+        try:
+            return _private(size)
+        except OSError:
+            self.release_idle()
+            return _private(size)
+
+    def give_back(self, m: mmap.mmap) -> None:
+        """Keep ``m`` for a later message if it fits the budget (its views may still live)."""
+        with self._lock:
+            if sum(len(x) for x in self._maps) + len(m) <= self.budget:
+                self._maps.append(m)
+
+    def release_idle(self) -> None:
+        """Unmap every mapping nothing refers to (memory is short)."""
+        with self._lock:
+            self._release_idle_locked()
+
+    def _release_idle_locked(self) -> None:
+        maps = self._maps
+        i = 0
+        while i < len(maps):
+            if _idle(maps, i):
+                maps.pop(i).close()
+            else:
+                i += 1
+
+
+def _private(size: int) -> mmap.mmap:
+    """Private anonymous memory: only a private mapping may grow by ``mremap`` (a shared
+    one is backed by a fixed-size object, and touching the grown part raises SIGBUS)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+message_pool = MessagePool(
+    max(0, int(float(os.environ.get("FEDWS_MESSAGE_POOL_MB", "512")) * 2**20))
+)
+"""The process's pool for :mod:`.assembly` (``FEDWS_MESSAGE_POOL_MB``, default 512; 0: off)."""
+
+
+def limit_message_pool(budget: int) -> None:
+    """Keep at most ``budget`` bytes in the message pool (a node with a memory cap: idle
+    pooled pages are resident but in no object's account, so they must stay small)."""
+    message_pool.budget = min(message_pool.budget, max(0, budget))
+    message_pool.release_idle()
