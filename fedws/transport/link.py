@@ -70,7 +70,11 @@ class Link(Protocol):
         ...
 
     def flush(self, *, urgent: bool = True) -> None:
-        """Send the queued frames (now, or within about a millisecond if not urgent)."""
+        """Send the queued frames (now, or within about a millisecond if not urgent).
+
+        An in-process link, whose node runs on the caller's threads, holds non-urgent frames
+        until the next urgent flush in the process instead: wait through
+        ``Worker.ack_future`` (which flushes), not the session's bare futures."""
         ...
 
     def flush_soon(self) -> None:

@@ -178,7 +178,7 @@ def test_node_refuses_over_the_worker(make_worker) -> None:
     x = torch.ones(3).send(bob)
     seq, _ = bob.submit(Kind.CMD, "torch.save", [ObjRef(x.id_at_location), "/tmp/x"], {}, [99])
     with pytest.raises(sy.OpNotAllowedError, match="bob") as info:
-        bob.session.ack_future(seq).result(10)
+        bob.ack_future(seq).result(10)  # the worker flushes what the future waits on
     assert info.value.worker == "bob" and info.value.op == "torch.save"
     assert x.get().tolist() == [1.0, 1.0, 1.0]
 
