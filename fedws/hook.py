@@ -98,6 +98,7 @@ class TorchHook:
         self.torch = torch_module
         self.federation = _complete(federation) if federation is not None else default_federation()
         _latest = self.federation
+        self.local_worker.hook = self  # PySyft's ``sy.local_worker.hook``: the latest hook
 
     @property
     def local_worker(self) -> Worker:

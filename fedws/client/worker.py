@@ -145,6 +145,9 @@ class Worker:
             raise ValueError(f"worker id must be a non-empty string, got {id!r}")
         self.id = id
         self.federation: Federation[Worker] | None = as_federation(hook)
+        # PySyft's ``worker.hook`` (tutorials reach the hook through ``sy.local_worker.hook``);
+        # None when the worker was built from a bare Federation.
+        self.hook: Any = None if hook is None or isinstance(hook, Federation) else hook
         self.timeout = timeout
         self.session = Session(id)
         self.endpoint = SessionEndpoint(self)

@@ -215,3 +215,10 @@ def test_node_computes_in_its_own_torch_state(make_worker) -> None:
         doubled.wait()
     assert CountNodeOps.seen == 0  # the node's multiplication is not the caller's business
     assert doubled.get().sum().item() == 2000
+
+
+def test_workers_know_their_hook_as_in_pysyft(hook: sy.TorchHook) -> None:
+    """PySyft code reaches the hook through a worker (``sy.local_worker.hook``)."""
+    bob = sy.VirtualWorker(hook, id="bob-hook")
+    assert sy.local_worker.hook is hook and bob.hook is hook
+    assert sy.VirtualWorker(hook.federation, id="carol-hook").hook is None  # built from a Federation
