@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 SCRIPTS = ["bench_network.py", "bench_plans.py", "bench_plans_concurrency.py", "bench_secagg.py", "bench_scale.py"]
 SCRIPTS.append("bench_node_memory.py")
 SCRIPTS.append("bench_coordinator.py")  # FedAvg round 1 and per-op cost (issue 12)
+SCRIPTS.append("bench_flower.py")  # FedAvg round vs Flower's legacy gRPC API (issue 12)
 # Scripts that take --quick; every benchmark should.
 ACCEPTS_QUICK = set(SCRIPTS)
 TIMEOUT_S = 900  # per script; a hung benchmark fails the run instead of blocking it
