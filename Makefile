@@ -64,6 +64,7 @@ workers-stop:
 	$(if $(wildcard $(PYTHON)),$(PYTHON),$(SYSTEM_PYTHON)) -m fedws down --run-dir workers/run
 
 bench: $(STAMP)
+	$(PIP) install -q -e ".[bench]"
 	$(PYTHON) bench/run_all.py
 
 # Jupyter and ipywidgets (FedAvg's progress bar in a notebook), then the tutorials' notebooks.

@@ -15,8 +15,9 @@ Rows:
   ``sy.serve(...)`` coordinator, which waits for all n (``wait_for_nodes``).
   Both go through :data:`EXTRA_ROWS` (a name and a function ``n -> (workers, cleanup)``),
   timed by :func:`measure` with the very same round.
-- Flower's simulation engine at the same counts when ``flwr`` is importable; skipped with a
-  reason when it is not (it needs Ray, which this benchmark does not install).
+- Flower's simulation engine (``start_simulation``, Ray) at the same counts, same model,
+  data and local SGD, when ``flwr`` and ``ray`` are importable (the ``bench`` extra); run
+  after every fedws row, and skipped with a reason when they are not.
 
 Baseline, in the same run: plain PyTorch doing the same local training N times in this
 process (no runtime at all), the floor any federated runtime pays. Printed: wall and CPU
@@ -272,17 +273,77 @@ def plain_torch(n: int, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
-def flower(n: int) -> float | None:
-    """Flower's simulation engine at ``n`` clients, or None (reason printed) without it."""
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
+def flower(n: int, rounds: int) -> float | None:
+    """Flower's simulation engine (``flwr.simulation.start_simulation``, Ray) at ``n``
+    clients with the same model, data and local training: median seconds per round after
+    a warm-up round (timed from the strategy's ``configure_fit`` to the end of its
+    ``aggregate_fit``), or None (reason printed) without flwr and Ray (the bench extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
         return None
-    print(f"  flower at {n}: flwr is importable but its simulation needs Ray; not wired up in this script")
-    return None
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import logging
+
+    import flwr
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import ServerConfig
+    from flwr.server.strategy import FedAvg as FlowerFedAvg
+    from flwr.simulation import start_simulation
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    times: list[float] = []
+
+    class Timed(FlowerFedAvg):  # type: ignore[misc]
+        started = 0.0
+
+        def configure_fit(self, server_round: int, parameters: object, client_manager: object) -> object:
+            self.started = time.perf_counter()
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round: int, results: list[object], failures: list[object]) -> object:
+            if failures or len(results) != n:
+                raise RuntimeError(f"Flower round {server_round}: {len(results)} of {n} results, failures {failures}")
+            out = super().aggregate_fit(server_round, results, failures)
+            times.append(time.perf_counter() - self.started)
+            return out
+
+    class TinyClient(flwr.client.NumPyClient):  # type: ignore[misc]
+        def __init__(self, i: int) -> None:
+            self.x, self.y = shard(i)
+            self.model = make_model()
+
+        def get_parameters(self, config: dict[str, object]) -> list[object]:
+            return [v.detach().numpy() for v in self.model.state_dict().values()]
+
+        def fit(self, parameters: list[object], config: dict[str, object]) -> tuple[list[object], int, dict[str, object]]:
+            self.model.load_state_dict({k: torch.as_tensor(v) for k, v in zip(self.model.state_dict(), parameters)})
+            opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            return self.get_parameters(config), ROWS, {}
+
+    def client_fn(context: object) -> object:
+        return TinyClient(int(context.node_config["partition-id"])).to_client()  # type: ignore[attr-defined]
+
+    initial = [v.detach().numpy() for v in make_model().state_dict().values()]
+    # Ray's workers unpickle the client by reference to this module (and it imports fedws)
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join(p for p in (str(here), str(here.parent), os.environ.get("PYTHONPATH", "")) if p)
+    strategy = Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n, min_evaluate_clients=0,
+                     min_available_clients=n, initial_parameters=ndarrays_to_parameters(initial),
+                     fit_metrics_aggregation_fn=lambda _: {})
+    start_simulation(client_fn=client_fn, num_clients=n, config=ServerConfig(num_rounds=rounds + 1),
+                     strategy=strategy, client_resources={"num_cpus": 1, "num_gpus": 0.0},
+                     ray_init_args={"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False,
+                                    "configure_logging": False, "runtime_env": {"env_vars": {"PYTHONPATH": path}}})
+    if len(times) != rounds + 1:
+        raise RuntimeError(f"Flower simulation at {n}: {len(times)} of {rounds + 1} rounds")
+    return statistics.median(times[1:])
 
 
-def plot(rows: list[Row], floor: dict[int, float], path: Path) -> None:
+def plot(rows: list[Row], floor: dict[int, float], path: Path, flower_wall: dict[int, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,6 +355,8 @@ def plot(rows: list[Row], floor: dict[int, float], path: Path) -> None:
         ax.plot([r.nodes for r in pts], [r.wall for r in pts], "o-", label=f"fedws {label} (wall)")
         ax.plot([r.nodes for r in pts], [r.cpu for r in pts], "o--", label=f"fedws {label} ({'CPU' if label == 'in-process' else 'coordinator CPU'})")
     ax.plot(list(floor), list(floor.values()), "s:", label="plain PyTorch, no runtime")
+    if flower_wall:
+        ax.plot(list(flower_wall), list(flower_wall.values()), "^-", color="black", label="Flower simulation (Ray), wall")
     ax.axhline(GOAL_SECONDS, color="grey", lw=0.8)
     ax.plot([GOAL_NODES], [GOAL_SECONDS], "r*", ms=12, label="goal: 1,000 nodes in 1 s")
     ax.set_xscale("log")
@@ -314,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nodes", type=int, nargs="*", help="node counts (default 10 100 1000)")
     ap.add_argument("--rounds", type=int, help="timed rounds per count (default 3; --quick: 2)")
     ap.add_argument("--plot", type=Path, default=OUT / "scale.png")
+    ap.add_argument("--flower", action="store_true", help="with --quick: run Flower's simulation peer too")
     args = ap.parse_args(argv)
     counts = args.nodes or ([10] if args.quick else [10, 100, 1000])
     rounds = args.rounds or (2 if args.quick else 3)
@@ -349,16 +413,27 @@ def main(argv: list[str] | None = None) -> None:
     for what in NOT_YET:
         if not any(label == what for label, _ in EXTRA_ROWS):
             print(f"{what}: not measured (hook: bench_scale.EXTRA_ROWS, once that hosting is merged)")
-    for n in counts:
-        if flower(n) is None:
-            print(f"flower at {n} nodes: skipped: flwr is not importable (Flower's simulation needs Ray, not installed)")
+    flower_wall: dict[int, float] = {}
+    for n in counts:  # last: Ray's processes would otherwise share the cores with fedws's rows
+        if args.quick and not args.flower:
+            print(f"flower at {n} nodes: skipped: --quick (Ray's start-up alone takes 15-20 s here; --flower runs it)")
             break
+        wall = flower(n, rounds)
+        if wall is None:
+            print(f"flower at {n} nodes: skipped: flwr or ray is not importable (Flower's simulation: the bench extra)")
+            break
+        flower_wall[n] = wall
+        fedws = next(r for r in rows if r.label == "in-process" and r.nodes == n)
+        print(f"{'flower sim':<16} {n:>6} {wall:>8.3f}   Flower simulation (Ray) / fedws in-process: "
+              f"{wall / fedws.wall:.1f}x" + ("   goal >= 10x at 100 nodes: " + ("met" if wall / fedws.wall >= 10
+                                                                                 else "NOT met") if n == 100 else ""),
+              flush=True)
     for row in rows:
         if row.nodes == GOAL_NODES:
             verdict = "met" if row.wall <= GOAL_SECONDS else "NOT met"
             print(f"goal 1,000 nodes <= {GOAL_SECONDS:g} s per round ({row.label}): wall {row.wall:.2f} s, "
                   f"CPU {row.cpu:.2f} s (nodes {row.node_cpu:.2f} s, coordinator {row.cpu - row.node_cpu:.2f} s): {verdict}")
-    plot(rows, floor, args.plot)
+    plot(rows, floor, args.plot, flower_wall)
     print(f"plot: {args.plot}")
 
 

@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 SCRIPTS = [
     "bench_network.py",  # small round trip, pipelined ops, bulk tensors (issue 12)
     "bench_coordinator.py",  # FedAvg round 1 and per-op cost (issue 12)
+    "bench_flower.py",  # FedAvg round, 3 nodes, vs Flower's legacy gRPC API (issue 12)
     "bench_stream.py",  # tensors over the frame limit; compression (issue 12)
     "bench_plans.py",
     "bench_plans_concurrency.py",
