@@ -311,6 +311,45 @@ def _like(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
     return TensorSpec(args[0].shape, dtype) if isinstance(dtype, torch.dtype) else None
 
 
+def _to(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
+    """``x.to(dtype)``, ``x.to(dtype=...)``: a device, another tensor or no dtype is unsure."""
+    if not args or not isinstance(args[0], TensorSpec) or set(kwargs) - {"dtype", "copy", "non_blocking"}:
+        return None
+    rest, dtype = args[1:], kwargs.get("dtype")
+    if len(rest) == 1 and dtype is None:
+        dtype = rest[0]
+    elif rest:
+        return None
+    return TensorSpec(args[0].shape, dtype) if isinstance(dtype, torch.dtype) else None
+
+
+def _arg_reduction(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
+    """``x.argmax()``, ``x.argmax(dim, keepdim=...)``: int64 indices."""
+    if not args or not isinstance(args[0], TensorSpec) or len(args) > 3 or set(kwargs) - {"dim", "keepdim"}:
+        return None
+    shape = args[0].shape
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if type(keepdim) is not bool:
+        return None
+    if dim is None:
+        return TensorSpec((1,) * len(shape) if keepdim else (), torch.int64)
+    if type(dim) is not int or not shape or not -len(shape) <= dim < len(shape) or shape[dim] == 0:
+        return None
+    dim %= len(shape)
+    out = shape[:dim] + ((1,) if keepdim else ()) + shape[dim + 1 :]
+    return TensorSpec(out, torch.int64)
+
+
+def _cast(dtype: torch.dtype) -> Rule:
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> TensorSpec | None:
+        if len(args) != 1 or not isinstance(args[0], TensorSpec) or kwargs:
+            return None
+        return TensorSpec(args[0].shape, dtype)
+
+    return rule
+
+
 RULES: dict[str, Rule] = {}
 """Rules by the op's short name (the part after ``Tensor.``, ``torch.`` or ``torch.nn.functional.``)."""
 
@@ -336,6 +375,12 @@ for _n in ("cross_entropy", "mse_loss", "nll_loss", "l1_loss"):
 RULES["__getitem__"] = _getitem
 RULES["t"] = _transpose_2d
 RULES["flatten"] = _flatten
+RULES["to"] = _to
+for _n in ("argmax", "argmin"):
+    RULES[_n] = _arg_reduction
+for _n, _dt in (("float", torch.float32), ("double", torch.float64), ("half", torch.float16),
+                ("bfloat16", torch.bfloat16), ("long", torch.int64), ("int", torch.int32), ("bool", torch.bool)):
+    RULES[_n] = _cast(_dt)
 
 for _n in ("ones", "zeros", "empty"):
     RULES[_n] = _factory

@@ -50,6 +50,14 @@ CASES: list[tuple[str, Any, tuple[Any, ...], dict[str, Any]]] = [
     ("torch.ones", torch.ones, (10, 4), {}),
     ("torch.zeros", torch.zeros, ((3,),), {"dtype": i64}),
     ("torch.zeros_like", torch.zeros_like, (meta((2, 5), f64),), {}),
+    ("Tensor.to", torch.Tensor.to, (meta((4, 3), i64), f32), {}),  # the evaluation plan's cast
+    ("Tensor.to", torch.Tensor.to, (meta((4, 3)),), {"dtype": f64}),
+    ("Tensor.float", torch.Tensor.float, (meta((2,), i64),), {}),
+    ("Tensor.long", torch.Tensor.long, (meta((2, 2)),), {}),
+    ("Tensor.bool", torch.Tensor.bool, (meta((3,)),), {}),
+    ("Tensor.argmax", torch.Tensor.argmax, (meta((8, 10)), 1), {}),  # the evaluation plan's prediction
+    ("torch.argmax", torch.argmax, (meta((8, 10)),), {"dim": -1, "keepdim": True}),
+    ("Tensor.argmin", torch.Tensor.argmin, (meta((8, 10)),), {}),
 ]
 
 
@@ -73,6 +81,7 @@ def test_rule_matches_meta(name: str, fn: Any, args: tuple[Any, ...], kwargs: di
         ("torch.nn.functional.cross_entropy", (TensorSpec((8, 3), f32), TensorSpec((8,), i64)), {"reduction": "none"}),
         ("Tensor.__getitem__", (TensorSpec((10, 3), f32), (0, 1)), {}),
         ("torch.conv2d", (TensorSpec((1, 1, 4, 4), f32),), {}),  # no rule
+        ("Tensor.to", (TensorSpec((2,), f32), "cuda"), {}),  # a device: unsure
         ("fedws.set_grad", (TensorSpec((2,), f32), None), {}),
     ],
 )
