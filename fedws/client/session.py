@@ -86,15 +86,21 @@ class Session:
             if self._deletes and kind in _OBSERVING:  # it must see the deletes queued before it
                 self._queue_deletes()
             seq = next(self._seq)
-            chunks = codec.encode([int(kind), seq, *fields])
+            message = [int(kind), seq, *fields]
+            blob = codec.encode_plain(message)  # a command on pointers: one msgpack call
+            if blob is None:  # tensors, tuples, ...: the general encoder
+                chunks = codec.encode(message)
             if not self._outbox:
                 self._outbox_first = seq
-            size = sum(len(c) for c in chunks)
-            borrowed = size > COPY_LIMIT
-            if borrowed:
-                self._outbox.extend(chunks)
+            borrowed = False
+            if blob is not None:
+                self._outbox.append(blob)
             else:
-                self._outbox.append(b"".join(chunks))
+                borrowed = sum(len(c) for c in chunks) > COPY_LIMIT
+                if borrowed:
+                    self._outbox.extend(chunks)
+                else:
+                    self._outbox.append(b"".join(chunks))
             self._outbox_msgs += 1
             self._last_seq = seq
             fut: Future[Any] | None = None

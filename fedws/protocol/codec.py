@@ -55,6 +55,7 @@ __all__ = [
     "PointerRef",
     "encode",
     "encode_bytes",
+    "encode_plain",
     "decode",
     "iter_blobs",
     "DTYPES",
@@ -303,7 +304,57 @@ def encode(obj: Any) -> list[bytes | memoryview]:
 
 def encode_bytes(obj: Any) -> bytes:
     """Encode ``obj`` as one ``bytes`` blob (copies tensor data: a snapshot)."""
-    return b"".join(encode(obj))
+    blob = encode_plain(obj)
+    return blob if blob is not None else b"".join(encode(obj))
+
+
+class _NotPlain(Exception):
+    """``encode_plain`` met a value it leaves to :func:`encode` (a tensor, a tuple, ...)."""
+
+
+_new_tuple = tuple.__new__
+_ExtType = msgpack.ExtType
+
+
+def _plain_default(obj: Any) -> Any:
+    if type(obj) is ObjRef:  # ExtType's own __new__ is Python: build the named tuple directly
+        return _new_tuple(_ExtType, (EXT_REF, _REF.pack(obj.id)))
+    raise _NotPlain  # a fresh one: a kept traceback would hold ``obj`` alive
+
+
+class _PlainPacker(threading.local):
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(default=_plain_default, strict_types=True, use_bin_type=True, autoreset=True)
+        self.busy = False
+
+
+_plain = _PlainPacker()
+
+
+def encode_plain(obj: Any) -> bytes | None:
+    """``obj`` as one blob in one msgpack call, or None if it holds more than plain values.
+
+    Plain: what msgpack packs natively, plus ObjRefs — a command on pointers. The bytes are
+    those :func:`encode` gives (same Packer options, same ext for an ObjRef); anything else
+    (a tensor, a tuple, a dtype, ...) returns None, and the caller takes the general path.
+    This is the per-op path of the coordinator: no encoder object, no per-value dispatch.
+    """
+    state = _plain
+    if state.busy:  # re-entered on this thread (a __del__ during a pack): take the general path
+        return None
+    state.busy = True
+    packer = state.packer
+    try:
+        env = packer.pack(obj)
+    except _NotPlain:
+        packer.reset()
+        return None
+    except (TypeError, ValueError, OverflowError) as exc:
+        packer.reset()
+        raise EncodeError(f"cannot encode value: {exc}") from exc
+    finally:
+        state.busy = False
+    return _HEAD.pack(len(env), 0, 0) + env  # type: ignore[no-any-return]
 
 
 def iter_blobs(frame: bytes | bytearray | memoryview) -> Iterator[memoryview]:
