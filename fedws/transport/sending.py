@@ -136,6 +136,8 @@ async def _flushed(ws: Connection) -> None:
     try:
         transport.set_write_buffer_limits(high=0, low=0)  # pauses the protocol until empty
         await ws.drain()
+    except Exception:  # the connection was lost: the reader reports that
+        pass
     finally:
         if not transport.is_closing():
             transport.set_write_buffer_limits(high=high, low=low)
