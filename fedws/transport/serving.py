@@ -30,8 +30,9 @@ from websockets.exceptions import ConnectionClosed
 from ..exceptions import DecodeError
 from .compress import deflate, inflate, is_compressed
 from .fair_pool import FairPool
-from .frames import fragments, receive
+from .frames import receive
 from .link import FrameHandler
+from .sending import send_message
 
 __all__ = ["serve_frames", "INLINE_MAX_BYTES", "INLINE_BUDGET_S", "PENDING_FRAMES"]
 
@@ -145,7 +146,7 @@ async def _write_replies(ws: Any, replies: asyncio.Queue[Any], zstd: bool) -> No
         if closed:
             continue
         try:
-            await ws.send(fragments(deflate(reply) if zstd else reply))
+            await send_message(ws, deflate(reply) if zstd else reply)
         except ConnectionClosed:
             closed = True
         pending = reply = None  # a sent reply may hold a frame buffer: let it go

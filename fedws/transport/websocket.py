@@ -35,7 +35,7 @@ from ..exceptions import (
     WrongThreadError,
 )
 from .compress import deflate, inflate, is_compressed, wanted
-from .frames import fragments, receive, stream_sizes
+from .frames import receive, stream_sizes
 from .handshake import (
     CHALLENGE_HEADER,
     COMPRESS_HEADER,
@@ -50,6 +50,7 @@ from .handshake import (
 )
 from .io_thread import IOThread, in_io_thread, wait
 from .link import Endpoint
+from .sending import send_message
 
 __all__ = ["WebsocketLink", "check_websocket_url", "BATCH_WINDOW_S"]
 
@@ -258,7 +259,7 @@ class WebsocketLink:
                 waiters, self._flush_waiters = self._flush_waiters, []
             try:
                 while (frame := endpoint.take_frame()) is not None:
-                    await ws.send(fragments(deflate(frame) if self.compressed else frame))
+                    await send_message(ws, deflate(frame) if self.compressed else frame)
             except ConnectionClosed:
                 _release(waiters)  # the reader reports the loss to futures
                 return
