@@ -15,7 +15,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any, cast
+from typing import cast
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -34,6 +34,7 @@ from .handshake import (
 )
 from .link import Endpoint
 from .relay import RelayTap
+from .server import guarded_connection
 from .websocket import WebsocketLink
 
 __all__ = ["NodeAcceptor", "AcceptedLink", "MAX_NODE_ID_CHARS", "raise_fd_limit", "BACKLOG"]
@@ -67,37 +68,6 @@ def raise_fd_limit(wanted: int = 65536) -> int:
         log.info("raised the open-files limit from %d to %d", soft, target)
         return target
     return soft
-
-
-def guarded_connection(guard: PendingHandshakes, label: str) -> type[ServerConnection]:
-    """A connection class that counts itself as a pending handshake of its address until
-    its handshake ends; over ``guard``'s cap it is aborted at once (as
-    :class:`~fedws.transport.server.FrameServer` does for inbound nodes)."""
-
-    class GuardedConnection(ServerConnection):
-        _pending_address: str | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-            if guard.begin(address):
-                self._pending_address = address
-                return
-            if guard.first_refusal(address):  # once per burst, not per connection
-                log.warning("%s: %s holds %d unfinished handshakes; closing its new connections",
-                            label, address, guard.per_address)
-            getattr(transport, "abort", transport.close)()
-
-        async def handshake(self, *args: Any, **kwargs: Any) -> None:
-            try:
-                await super().handshake(*args, **kwargs)
-            finally:
-                if self._pending_address is not None:
-                    guard.end(self._pending_address)
-                    self._pending_address = None
-
-    return GuardedConnection
 
 
 class AcceptedLink(WebsocketLink):

@@ -9,15 +9,15 @@ on the heap and the heap from shrinking between fragments (Linux with glibc only
 elsewhere, or when ``FEDWS_MALLOC_TUNING=0`` or the user set glibc's own ``MALLOC_*_``
 variables).
 
-:func:`frame_buffer` gives the writable buffer an incoming frame is assembled into. The
-codec hands large tensors out as views of it, so it cannot simply be reused; but a fresh
-buffer costs more than the copy into it (``bytearray(n)`` zero-fills it, and every page of
-a new mapping faults: 35-50 ms per 64 MiB here, against 6 ms to fill memory already
-mapped). Frames of :data:`MAPPED_MIN_BYTES` and more therefore come from a small pool of
-anonymous mappings, and a mapping is handed out again only once nothing refers to it any
-more (no tensor, view or memoryview of the last frame in it is alive). The pool holds at
-most ``FEDWS_FRAME_POOL_MB`` MiB of mappings (default 0, off: with it on, tests/e2e/test_memory_attacks.py::test_the_store_cap_counts_non_tensor_values_plans_and_frames_kept_alive wedges a memory-limited node; opt in with e.g. 256); beyond that a frame gets a mapping of its own, freed with its last tensor. A reused buffer still holds the
-last frame's bytes, but the caller overwrites every byte it is given before anyone reads it.
+:func:`frame_buffer` gives the writable buffer an incoming frame is assembled into (when
+:mod:`.assembly` cannot read it in place). The codec hands large tensors out as views of it,
+so it cannot simply be reused; but a fresh buffer costs more than the copy into it
+(``bytearray(n)`` zero-fills it, and every page of a new mapping faults: 35-50 ms per 64 MiB
+here, against 6 ms to fill memory already mapped). Frames of :data:`MAPPED_MIN_BYTES` and more
+therefore come from :data:`message_pool`, whose mappings are handed out again only once
+nothing refers to them (no tensor, view or memoryview of the last frame in them is alive).
+A reused buffer still holds the last frame's bytes, but the caller overwrites every byte it
+is given before anyone reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import threading
 __all__ = [
     "tune_malloc",
     "frame_buffer",
-    "FramePool",
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
     "MAPPED_MIN_BYTES",
@@ -84,83 +83,9 @@ def _apply() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-class FramePool:
-    """Anonymous mappings for large frames, reused once nothing refers to them.
-
-    Whether a mapping is free is read from its reference count: the pool's list is its only
-    holder once every memoryview (and so every tensor) of the frame in it is gone. Nothing
-    but those views can take a new reference to it, so a mapping seen free stays free.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self._maps: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    @property
-    def pooled_bytes(self) -> int:
-        return sum(len(m) for m in self._maps)
-
-    def release_idle(self) -> None:
-        """Unmap every mapping nothing refers to (memory is short)."""
-        with self._lock:
-            maps = self._maps
-            i = 0
-            while i < len(maps):
-                if _idle(maps, i):
-                    maps.pop(i)
-                else:
-                    i += 1
-
-    def take(self, size: int) -> memoryview:
-        """A writable view of exactly ``size`` bytes (contents undefined)."""
-        capacity = -(-size // _GRAIN) * _GRAIN
-        with self._lock:
-            maps = self._maps
-            for i in range(len(maps)):
-                # Exactly this capacity: a tensor kept as a view pins its whole mapping, and
-                # the node's memory budget counts the frame's bytes, not a larger mapping's.
-                if len(maps[i]) == capacity and _idle(maps, i):
-                    return memoryview(maps[i])[:size]
-            if capacity <= self.budget:
-                pooled = sum(len(m) for m in maps)
-                i = 0
-                while pooled + capacity > self.budget and i < len(maps):
-                    if _idle(maps, i):  # idle but the wrong size: make room
-                        pooled -= len(maps.pop(i))
-                    else:
-                        i += 1
-                if pooled + capacity <= self.budget:
-                    maps.append(mmap.mmap(-1, capacity))
-                    return memoryview(maps[-1])[:size]
-        return memoryview(mmap.mmap(-1, size))  # over budget: this frame's own, unpooled
-
-
 def _idle(maps: list[mmap.mmap], i: int) -> bool:
     """Whether ``maps[i]`` is referred to by nothing but the list (and this call's argument)."""
     return sys.getrefcount(maps[i]) == 2
-
-
-_GRAIN = 1 << 20
-_pool = FramePool(max(0, int(float(os.environ.get("FEDWS_FRAME_POOL_MB", "0")) * 2**20)))
-
-
-def frame_buffer(size: int) -> bytearray | memoryview:
-    """A writable buffer of ``size`` bytes whose contents are undefined until written.
-
-    The caller bounds ``size`` (the WebSocket library refuses a message above the link's
-    ``max_size`` before any of it is assembled) and writes every byte before reading any.
-    """
-    if size < MAPPED_MIN_BYTES:
-        return bytearray(size)
-    try:
-        return _pool.take(size)
-    except (OSError, MemoryError):  # address space or memory limit: give idle mappings back
-        _pool.release_idle()
-        try:
-            return memoryview(mmap.mmap(-1, size))
-        except OSError as exc:
-            raise MemoryError(f"cannot map a {size}-byte frame: {exc}") from None
 
 
 class MessagePool:
@@ -246,6 +171,26 @@ message_pool = MessagePool(
     max(0, int(float(os.environ.get("FEDWS_MESSAGE_POOL_MB", "512")) * 2**20))
 )
 """The process's pool for :mod:`.assembly` (``FEDWS_MESSAGE_POOL_MB``, default 512; 0: off)."""
+
+
+def frame_buffer(size: int) -> bytearray | memoryview:
+    """A writable buffer of ``size`` bytes whose contents are undefined until written.
+
+    The caller bounds ``size`` (the WebSocket library refuses a message above the link's
+    ``max_size`` before any of it is assembled) and writes every byte before reading any.
+    Large ones are mappings of :data:`message_pool`, cut to exactly ``size`` (a tensor kept
+    as a view pins its whole mapping, and a node's memory budget counts frame bytes).
+    """
+    if size < MAPPED_MIN_BYTES:
+        return bytearray(size)
+    try:
+        m = message_pool.take(size)
+        if len(m) != size:
+            m.resize(size)  # private and idle: mremap, no copy
+    except (OSError, ValueError, MemoryError) as exc:
+        raise MemoryError(f"cannot map a {size}-byte frame: {exc}") from None
+    message_pool.give_back(m)  # handed out again only once no view of this frame is left
+    return memoryview(m)
 
 
 def limit_message_pool(budget: int) -> None:

@@ -154,35 +154,7 @@ class FrameServer:
         return response
 
     def _connection_class(self) -> type[ServerConnection]:
-        """A connection that counts itself as a pending handshake of its address until done."""
-        guard = self.pending_handshakes
-        node_id = self.node_id
-
-        class GuardedConnection(ServerConnection):
-            _pending_address: str | None = None
-
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                super().connection_made(transport)
-                address = _host_of(transport.get_extra_info("peername"))
-                if guard.begin(address):
-                    self._pending_address = address
-                    return
-                if guard.first_refusal(address):  # once per burst, not per connection
-                    log.warning(
-                        "node %s: %s holds %d unfinished handshakes; closing its new connections",
-                        node_id, address, guard.per_address,
-                    )
-                getattr(transport, "abort", transport.close)()  # at once: the fd is what it is after
-
-            async def handshake(self, *args: Any, **kwargs: Any) -> None:
-                try:
-                    await super().handshake(*args, **kwargs)
-                finally:
-                    if self._pending_address is not None:
-                        guard.end(self._pending_address)
-                        self._pending_address = None
-
-        return GuardedConnection
+        return guarded_connection(self.pending_handshakes, f"node {self.node_id}")
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         """Pick the node a connection's path names (a server of one node takes its id or none)."""
@@ -316,6 +288,36 @@ def node_name(path: str) -> str | None:
     if not name:
         return ""
     return name if _NODE_NAME.fullmatch(name) else None
+
+
+def guarded_connection(guard: PendingHandshakes, label: str) -> type[ServerConnection]:
+    """A connection class that counts itself as a pending handshake of its address until
+    its handshake ends; over ``guard``'s cap it is aborted at once (a listening node and
+    a coordinator accepting dial-out nodes alike)."""
+
+    class GuardedConnection(ServerConnection):
+        _pending_address: str | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            address = _host_of(transport.get_extra_info("peername"))
+            if guard.begin(address):
+                self._pending_address = address
+                return
+            if guard.first_refusal(address):  # once per burst, not per connection
+                log.warning("%s: %s holds %d unfinished handshakes; closing its new connections",
+                            label, address, guard.per_address)
+            getattr(transport, "abort", transport.close)()
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                if self._pending_address is not None:
+                    guard.end(self._pending_address)
+                    self._pending_address = None
+
+    return GuardedConnection
 
 
 def _host_of(address: Any) -> str:

@@ -20,8 +20,9 @@ import torch
 
 import fedws as sy
 from fedws.protocol import codec
+from fedws.transport import memory
 from fedws.transport.frames import FRAGMENT, fragments, receive
-from fedws.transport.memory import MAPPED_MIN_BYTES, FramePool, frame_buffer, tune_malloc
+from fedws.transport.memory import MAPPED_MIN_BYTES, MessagePool, frame_buffer, tune_malloc
 
 
 def _address(buf: Any) -> int:
@@ -61,42 +62,53 @@ def test_tune_malloc_is_idempotent_and_applies_on_glibc() -> None:
         assert first is True
 
 
-def test_pool_reuses_a_buffer_only_once_nothing_views_it() -> None:
-    pool = FramePool(64 << 20)
-    a = pool.take(5 << 20)
+@pytest.fixture
+def own_pool(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], MessagePool]:
+    """frame_buffer drawing from a pool of the test's own (the process's may be capped)."""
+
+    def make(budget: int) -> MessagePool:
+        pool = MessagePool(budget)
+        monkeypatch.setattr(memory, "message_pool", pool)
+        return pool
+
+    return make
+
+
+def test_a_frame_buffer_is_reused_only_once_nothing_views_it(own_pool: Callable[[int], MessagePool]) -> None:
+    pool = own_pool(64 << 20)
+    a = frame_buffer(5 << 20)
     a[:4] = b"AAAA"
     held = torch.frombuffer(a[1 << 20 : 2 << 20], dtype=torch.uint8)  # a decoded tensor's view
     a_addr = _address(a)
     del a
-    b = pool.take(5 << 20)
+    b = frame_buffer(5 << 20)
     assert _address(b) != a_addr  # the tensor still views the first buffer: never handed out
     del b
-    c = pool.take(5 << 20)
+    c = frame_buffer(5 << 20)
     assert _address(c) != a_addr  # still held, and b's buffer is the idle one
     del c
     del held
-    addresses = {_address(pool.take(5 << 20)) for _ in range(3)}  # each freed at once
+    addresses = {_address(frame_buffer(5 << 20)) for _ in range(3)}  # each freed at once
     assert a_addr in addresses
     assert pool.pooled_bytes <= 64 << 20
 
 
-def test_pool_gives_exact_sizes_and_never_exceeds_its_budget() -> None:
-    pool = FramePool(8 << 20)
-    first = pool.take(6 << 20)
+def test_frame_buffers_have_exact_sizes_and_the_pool_its_budget(own_pool: Callable[[int], MessagePool]) -> None:
+    pool = own_pool(8 << 20)
+    first = frame_buffer(6 << 20)
     assert len(first) == 6 << 20
-    over = pool.take(6 << 20)  # first is in use: this one is unpooled
+    over = frame_buffer(6 << 20)  # first is in use: this one is not kept
     assert len(over) == 6 << 20 and pool.pooled_bytes <= 8 << 20
     del first, over
-    assert len(pool.take((7 << 20) + 3)) == (7 << 20) + 3  # the idle 6 MiB one makes room
+    assert len(frame_buffer((7 << 20) + 3)) == (7 << 20) + 3
     assert pool.pooled_bytes <= 8 << 20
-    sized = FramePool(64 << 20)
-    x = sized.take(5 << 20)
-    x_addr = _address(x)
+    own_pool(64 << 20)
+    x = frame_buffer(5 << 20)
     del x
-    y = sized.take(3 << 20)  # a smaller frame never pins a larger mapping (the memory budget
-    assert _address(y) != x_addr and len(y) == 3 << 20  # counts frame bytes, not mappings)
-    none = FramePool(0)
-    none.take(5 << 20)
+    y = frame_buffer(3 << 20)  # a smaller frame never pins a larger mapping (the memory budget
+    assert len(y) == 3 << 20 and memoryview(y).nbytes == 3 << 20  # counts frame bytes)
+    none = own_pool(0)
+    frame_buffer(5 << 20)
     assert none.pooled_bytes == 0
 
 
