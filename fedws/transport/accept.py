@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import cast
 
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
 
 from ..exceptions import FedwsConnectionError
@@ -34,7 +33,7 @@ from .handshake import (
 )
 from .link import Endpoint
 from .relay import RelayTap
-from .server import guarded_connection
+from .server import guarded_connection, listen
 from .websocket import WebsocketLink
 
 __all__ = ["NodeAcceptor", "AcceptedLink", "MAX_NODE_ID_CHARS", "raise_fd_limit", "BACKLOG"]
@@ -217,29 +216,15 @@ class NodeAcceptor:
     async def start(self) -> str:
         """Start listening; returns the URL (the port stays the same across restarts)."""
         raise_fd_limit()
-        ssl_ctx = None
-        if self.certfile:
-            ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ssl_ctx.load_cert_chain(self.certfile, self.keyfile)
-        self._server = await serve(
-            self._connection,
-            self.host,
-            self.port,
-            max_size=int(self.max_frame_mb * 2**20),
-            compression=None,
-            process_request=self._check,
-            process_response=self._prove,
-            ssl=ssl_ctx,
-            max_queue=64,
-            write_limit=2**20,
-            backlog=BACKLOG,
+        self._server, self.url = await listen(
+            self._connection, self.host, self.port,
+            certfile=self.certfile, keyfile=self.keyfile, max_frame_mb=self.max_frame_mb,
+            process_request=self._check, process_response=self._prove,
             create_connection=guarded_connection(self.pending, self.name),
             open_timeout=self.handshake_timeout,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_interval,
+            backlog=BACKLOG, ping_interval=self.ping_interval, ping_timeout=self.ping_interval,
         )
-        self.port = next(iter(self._server.sockets)).getsockname()[1]
-        self.url = f"{'wss' if ssl_ctx else 'ws'}://{self.host}:{self.port}"
+        self.port = int(self.url.rsplit(":", 1)[1])
         return self.url
 
     async def aclose(self) -> None:

@@ -20,7 +20,7 @@ import logging
 import re
 import ssl
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -241,27 +241,12 @@ class FrameServer:
             OSError: the address cannot be bound.
         """
         tune_malloc()  # large frames: see fedws.transport.memory
-        ssl_ctx = None
-        if self.certfile:
-            ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ssl_ctx.load_cert_chain(self.certfile, self.keyfile)
-        self._server = await serve(
-            self._connection,
-            self.host,
-            self.port,
-            max_size=int(self.max_frame_mb * 2**20),
-            compression=None,  # deflate only costs on tensor bytes
-            process_request=self._guarded_request,
-            process_response=self._add_id_header,
-            ssl=ssl_ctx,
-            max_queue=PENDING_FRAMES,
-            write_limit=2**20,
-            open_timeout=self.handshake_timeout,
-            create_connection=self._connection_class(),
+        self._server, self.url = await listen(
+            self._connection, self.host, self.port,
+            certfile=self.certfile, keyfile=self.keyfile, max_frame_mb=self.max_frame_mb,
+            process_request=self._guarded_request, process_response=self._add_id_header,
+            create_connection=self._connection_class(), open_timeout=self.handshake_timeout,
         )
-        port = next(iter(self._server.sockets)).getsockname()[1]
-        scheme = "wss" if ssl_ctx else "ws"
-        self.url = f"{scheme}://{self.host}:{port}"
         return self.url
 
     async def aclose(self) -> None:
@@ -288,6 +273,49 @@ def node_name(path: str) -> str | None:
     if not name:
         return ""
     return name if _NODE_NAME.fullmatch(name) else None
+
+
+async def listen(
+    handler: Callable[[ServerConnection], Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    certfile: str | None,
+    keyfile: str | None,
+    max_frame_mb: float,
+    process_request: Callable[[ServerConnection, Request], Response | None],
+    process_response: Callable[[ServerConnection, Request, Response], Response | None],
+    create_connection: type[ServerConnection],
+    open_timeout: float | None,
+    **options: Any,
+) -> tuple[Server, str]:
+    """A WebSocket listener with the settings every fedws endpoint shares (a listening node,
+    a coordinator accepting dial-out nodes); returns it and its URL (the real port when 0
+    was asked). Frames are bounded by ``max_frame_mb`` before anything is assembled; no
+    per-message deflate (it only costs on tensor bytes).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    ssl_ctx = None
+    if certfile:
+        ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_ctx.load_cert_chain(certfile, keyfile)
+    server = await serve(
+        handler, host, port,
+        max_size=int(max_frame_mb * 2**20),
+        compression=None,
+        process_request=process_request,
+        process_response=process_response,
+        ssl=ssl_ctx,
+        max_queue=PENDING_FRAMES,
+        write_limit=2**20,
+        open_timeout=open_timeout,
+        create_connection=create_connection,
+        **options,
+    )
+    bound = next(iter(server.sockets)).getsockname()[1]
+    return server, f"{'wss' if ssl_ctx else 'ws'}://{host}:{bound}"
 
 
 def guarded_connection(guard: PendingHandshakes, label: str) -> type[ServerConnection]:
