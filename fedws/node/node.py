@@ -927,16 +927,7 @@ class Node:
             raise TypeError("fedws.remote_send takes (object id, worker id, new id, requires_grad)")
         enforce = self.enforce
         if enforce:
-            store = self.store
-            if store.owners.get(obj_id) is not self._frame.caller:
-                if obj_id in store.objects:
-                    raise self._not_yours(obj_id)
-                store.get(obj_id)  # raises ObjectNotFoundError
-            if obj_id in store.private:
-                raise self._deny(
-                    f"object {obj_id} on worker {self.id!r} is private: it cannot be sent to another worker",
-                    obj_id,
-                )
+            self._check_may_leave(obj_id, shared_ok=False)  # only the owner's own value goes
         value = self._resolve_ref(ObjRef(obj_id))
         if _is_pointer(value) or not isinstance(value, torch.Tensor):
             raise PointerError(f"remote_send: object {obj_id} on worker {self.id!r} is not a tensor holding data")
@@ -961,9 +952,14 @@ class Node:
         """
         if not self.enforce:
             return
-        caller = self._frame.caller
+        self._check_may_leave(obj_id, shared_ok=True)
+        self.store.shared.add(obj_id)
+
+    def _check_may_leave(self, obj_id: int, *, shared_ok: bool) -> None:
+        """Refuse to let ``obj_id`` (or a pointer to it) leave this node unless the caller owns
+        it (or, with ``shared_ok``, its owner shared it) and it is not private."""
         store = self.store
-        if store.owners.get(obj_id) is not caller and obj_id not in store.shared:
+        if store.owners.get(obj_id) is not self._frame.caller and not (shared_ok and obj_id in store.shared):
             if obj_id in store.objects:
                 raise self._not_yours(obj_id)
             store.get(obj_id)  # raises ObjectNotFoundError
@@ -972,7 +968,6 @@ class Node:
                 f"object {obj_id} on worker {self.id!r} is private: it cannot be sent to another worker",
                 obj_id,
             )
-        store.shared.add(obj_id)
 
     def _persist(self, obj_id: int) -> None:
         """Keep ``obj_id`` past the end of its owner's session (see :meth:`end_session`).
