@@ -375,6 +375,26 @@ def copy_for_node(model: nn.Module) -> nn.Module:
     return module(model)
 
 
+def finish_run(
+    worker: Worker, model: nn.Module, loss_sum: PointerTensor, fetch_state: bool
+) -> tuple[int, list[Future[Any]], list[str]]:
+    """End a queued local run: its barrier, the fetch of its loss sum and (``fetch_state``)
+    of the trained state, all sent with the run's steps in one flush (one frame per node).
+
+    Returns the barrier's sequence number, the futures (barrier first, then the loss sum,
+    then the state entries) and the state keys in fetch order.
+    """
+    end, done = barrier_nowait(worker, urgent=False)
+    futures = [done, fetch_nowait(loss_sum, urgent=False)]
+    keys: list[str] = []
+    if fetch_state:
+        for key, ptr in model.state_dict(keep_vars=True).items():
+            keys.append(key)
+            futures.append(fetch_nowait(ptr, urgent=False))
+    worker.flush()
+    return end, futures, keys
+
+
 def start_local_training(
     global_model: nn.Module,
     data: NodeData,
@@ -438,15 +458,7 @@ def start_local_training(
             # The indices travel inline with the call: one message per step.
             idx = order[lo : lo + config.batch_size]
             step_losses.append(sgd_step(data.x, data.y, idx, loss_sum, params, buffers, velocity))
-    # The barrier and the fetches wait for the flush below: the whole run is one frame.
-    end, done = barrier_nowait(worker, urgent=False)
-    futures = [done, fetch_nowait(loss_sum, urgent=False)]
-    keys: list[str] = []
-    if fetch_state:
-        for key, ptr in model.state_dict(keep_vars=True).items():
-            keys.append(key)
-            futures.append(fetch_nowait(ptr, urgent=False))
-    worker.flush()
+    end, futures, keys = finish_run(worker, model, loss_sum, fetch_state)
     return LocalRun(data, model, start, end, futures, n * config.local_epochs, keys, step_losses)
 
 
@@ -498,15 +510,7 @@ def _start_step_training(
             i += 1
             step_losses.append(step_plan(data.x, data.y, idx, lr_t, mu_t, loss_sum, params, buffers, opt_state, anchor))
     step_losses.extend(anchor)
-    # The barrier and the fetches wait for the flush below: the whole run is one frame.
-    end, done = barrier_nowait(worker, urgent=False)
-    futures = [done, fetch_nowait(loss_sum, urgent=False)]
-    keys: list[str] = []
-    if fetch_state:
-        for key, ptr in model.state_dict(keep_vars=True).items():
-            keys.append(key)
-            futures.append(fetch_nowait(ptr, urgent=False))
-    worker.flush()
+    end, futures, keys = finish_run(worker, model, loss_sum, fetch_state)
     return LocalRun(data, model, start, end, futures, seen, keys, step_losses, loss_sum)
 
 
